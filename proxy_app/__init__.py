@@ -6,13 +6,19 @@ from flask import Flask
 
 from proxy_app.settings import Settings
 
+# Background cache refreshes a worker runs at once; more are skipped, not queued.
+REFRESH_POOL_SIZE = 32
+
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the WSGI app; settings come from the environment unless given."""
     # Imported here so that ``python -m proxy_app`` (the gunicorn master) stays light and the
     # gevent workers import the network libraries only after monkey-patching.
     from proxy_app import pipeline, services
+    from proxy_app.background import background_spawner
     from proxy_app.blueprints import admin_metrics, health, proxy
+    from proxy_app.cache.http import ProxyCache
+    from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
     from proxy_app.logging import register_secrets
     from proxy_app.metrics import Metrics
@@ -34,10 +40,21 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.url_map.strict_slashes = False
     app.url_map.converters["anypath"] = proxy.AnyPathConverter
 
+    metrics = Metrics(settings.metrics_multiproc_dir)
+    redis = RedisConnections(settings, on_error=metrics.count_redis_error)
+    upstream = UpstreamClient.from_settings(settings, metrics)
+    store = CacheService(
+        redis.cache,
+        default_ttl_s=settings.cache_ttl_default_s,
+        default_stale_s=settings.cache_stale_ttl_s,
+        load_timeout_s=upstream.max_duration_s,
+        spawn=background_spawner(REFRESH_POOL_SIZE),
+    )
     app.extensions[services.SETTINGS] = settings
-    app.extensions[services.METRICS] = Metrics(settings.metrics_multiproc_dir)
-    app.extensions[services.REDIS] = RedisConnections(settings)
-    app.extensions[services.UPSTREAM] = UpstreamClient.from_settings(settings)
+    app.extensions[services.METRICS] = metrics
+    app.extensions[services.REDIS] = redis
+    app.extensions[services.UPSTREAM] = upstream
+    app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
 
     pipeline.init_app(app)
     register_error_handlers(app)

@@ -74,10 +74,13 @@ class Metrics:
         )
         self.redis_errors = Counter(
             "proxy_redis_errors_total",
-            "Redis calls that failed or were short-circuited during an outage, by use.",
-            ["use"],
+            "Redis calls that failed or were short-circuited during an outage, by connection.",
+            ["redis"],
             registry=registry,
         )
+
+    def count_redis_error(self, redis_name: str) -> None:
+        self.redis_errors.labels(redis_name).inc()
 
     def render(self) -> bytes:
         if self._multiprocess_dir:

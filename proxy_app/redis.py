@@ -35,18 +35,29 @@ class RedisUnavailable(Exception):
 class RedisService:
     """One Redis endpoint: a bounded connection pool and the outage state shared by its callers."""
 
-    def __init__(self, url: str, *, timeout_ms: int, name: str = "redis") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        timeout_ms: int,
+        name: str = "redis",
+        on_error: Callable[[str], None] = lambda _name: None,
+        client: redis.Redis | None = None,
+    ) -> None:
         timeout_s = timeout_ms / 1000
         self.name = name
+        self._on_error = on_error
         self.url_for_logs = mask_url_password(url)
-        pool = redis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=POOL_SIZE,
-            timeout=timeout_s,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-        )
-        self.client: redis.Redis = redis.Redis(connection_pool=pool)
+        if client is None:
+            pool = redis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=POOL_SIZE,
+                timeout=timeout_s,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+            )
+            client = redis.Redis(connection_pool=pool)
+        self.client: redis.Redis = client
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._in_outage = False
@@ -59,6 +70,7 @@ class RedisService:
     def call(self, operation: Callable[[redis.Redis], T]) -> T:
         """Run ``operation(client)``; raise RedisUnavailable fast during an outage."""
         if not self.available:
+            self._on_error(self.name)
             raise RedisUnavailable(f"{self.name} is unavailable")
         try:
             result = operation(self.client)
@@ -68,6 +80,17 @@ class RedisService:
         except redis.exceptions.BusyLoadingError as exc:
             self._record_failure(exc)
             raise RedisUnavailable(f"{self.name} is loading its data") from exc
+        except (
+            redis.exceptions.OutOfMemoryError,
+            redis.exceptions.ReadOnlyError,
+            redis.exceptions.MasterDownError,
+            redis.exceptions.AuthenticationError,
+            redis.exceptions.NoPermissionError,
+        ) as exc:
+            # The server answers but refuses this command: fail it, without declaring an
+            # outage that would short-circuit the commands it still serves.
+            self._on_error(self.name)
+            raise RedisUnavailable(f"{self.name} refused the command") from exc
         if self._in_outage:
             self._record_recovery()
         return result
@@ -82,6 +105,7 @@ class RedisService:
         self.client.close()
 
     def _record_failure(self, exc: Exception) -> None:
+        self._on_error(self.name)
         with self._lock:
             self._down_until = time.monotonic() + OUTAGE_COOLDOWN_S
             if self._in_outage:
@@ -103,15 +127,23 @@ class RedisService:
 class RedisConnections:
     """The cache's Redis and the keys' Redis; the same service when the URLs are equal."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self, settings: Settings, on_error: Callable[[str], None] = lambda _name: None
+    ) -> None:
         self.cache = RedisService(
-            settings.cache_redis_url, timeout_ms=settings.redis_timeout_ms, name="cache"
+            settings.cache_redis_url,
+            timeout_ms=settings.redis_timeout_ms,
+            name="cache",
+            on_error=on_error,
         )
         if settings.api_keys_redis_url == settings.cache_redis_url:
             self.keys = self.cache
         else:
             self.keys = RedisService(
-                settings.api_keys_redis_url, timeout_ms=settings.redis_timeout_ms, name="keys"
+                settings.api_keys_redis_url,
+                timeout_ms=settings.redis_timeout_ms,
+                name="keys",
+                on_error=on_error,
             )
 
     def services(self) -> list[RedisService]:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, cast
 from flask import current_app
 
 if TYPE_CHECKING:
+    from proxy_app.cache.http import ProxyCache
     from proxy_app.metrics import Metrics
     from proxy_app.redis import RedisConnections
     from proxy_app.settings import Settings
@@ -16,6 +17,7 @@ SETTINGS = "proxy_app.settings"
 UPSTREAM = "proxy_app.upstream"
 REDIS = "proxy_app.redis"
 METRICS = "proxy_app.metrics"
+PROXY_CACHE = "proxy_app.proxy_cache"
 
 
 def settings() -> Settings:
@@ -32,3 +34,7 @@ def redis() -> RedisConnections:
 
 def metrics() -> Metrics:
     return cast("Metrics", current_app.extensions[METRICS])
+
+
+def proxy_cache() -> ProxyCache:
+    return cast("ProxyCache", current_app.extensions[PROXY_CACHE])

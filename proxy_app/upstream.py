@@ -13,6 +13,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
+from proxy_app.metrics import Metrics
 from proxy_app.settings import Settings
 
 # Methods whose repetition cannot change anything upstream and that carry no body to resend.
@@ -130,9 +131,14 @@ class UpstreamClient:
         retries: int,
         api_key: str = "",
         pool_size: int = 100,
+        metrics: Metrics | None = None,
     ) -> None:
         self.base_url = base_url
+        self._metrics = metrics
         self.timeout_s = timeout_ms / 1000
+        # The longest one request may take: connect and read timeouts for every attempt, plus
+        # the pauses between attempts.
+        self.max_duration_s = (retries + 1) * 2 * self.timeout_s + retries * RETRY_BACKOFF_MAX_S
         self._api_key = api_key
         self._retrying = _session(retry_policy(retries), pool_size)
         self._single_attempt = _session(
@@ -140,13 +146,14 @@ class UpstreamClient:
         )
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> UpstreamClient:
+    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> UpstreamClient:
         return cls(
             settings.upstream_base_url,
             timeout_ms=settings.upstream_timeout_ms,
             retries=settings.upstream_retries,
             api_key=settings.upstream_api_key,
             pool_size=settings.worker_connections,
+            metrics=metrics,
         )
 
     def close(self) -> None:
@@ -163,7 +170,26 @@ class UpstreamClient:
         body: bytes | None = None,
     ) -> UpstreamResponse:
         """Send one request (retried per policy); the body is returned exactly as received."""
-        method = method.upper()
+        try:
+            response = self._send(method.upper(), path, query, headers, body)
+        except UpstreamError as exc:
+            if self._metrics is not None:
+                self._metrics.upstream_errors.labels(exc.kind).inc()
+            raise
+        if self._metrics is not None:
+            self._metrics.upstream_latency.labels(method.upper()).observe(
+                response.elapsed_ms / 1000
+            )
+        return response
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Mapping[str, str] | None,
+        body: bytes | None,
+    ) -> UpstreamResponse:
         if not self.base_url:
             raise UpstreamNotConfigured("HTTP_CLIENT_BASE_URL is not set", method=method, url=path)
         url = join_url(self.base_url, path, query)

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import orjson
 from flask import Blueprint, Response, g, request
 from werkzeug.routing import PathConverter
 
 from proxy_app import services
+from proxy_app.cache.http import Served
+from proxy_app.cache.policy import key_hash
+from proxy_app.cache.store import Outcome
 from proxy_app.errors import (
     BadGateway,
     BadRequest,
@@ -20,7 +26,7 @@ from proxy_app.forwarding import (
     split_raw_uri,
     upstream_path,
 )
-from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
+from proxy_app.upstream import UpstreamError, UpstreamNotConfigured
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -45,39 +51,65 @@ def proxy(path: str) -> Response:
     target = upstream_path(raw_path, raw_query)
     body = _json_body()
     headers = forward_request_headers(request.headers.items(), g.request_id)
+    cache = services.proxy_cache()
+    with _upstream_errors_as_responses():
+        if request.method in ("GET", "HEAD"):
+            served = cache.fetch(
+                request.method, target, raw_query, headers, list(request.headers.keys())
+            )
+        else:
+            upstream_response = services.upstream().request(
+                request.method, target, query=raw_query, headers=headers, body=body
+            )
+            if 200 <= upstream_response.status < 400:
+                cache.invalidate(target, raw_query)
+            served = Served(
+                upstream_response.status,
+                filter_response_headers(
+                    upstream_response.headers, services.settings().upstream_base_url or ""
+                ),
+                upstream_response.body,
+                Outcome.BYPASS,
+                upstream=upstream_response,
+            )
+    return client_response(served)
+
+
+@contextlib.contextmanager
+def _upstream_errors_as_responses() -> Iterator[None]:
     try:
-        upstream_response = services.upstream().request(
-            request.method, target, query=raw_query, headers=headers, body=body
-        )
+        yield
     except UpstreamNotConfigured:
         raise ServiceUnavailable(
             "No upstream is configured (HTTP_CLIENT_BASE_URL).", code="upstream_not_configured"
         ) from None
     except UpstreamError as exc:
-        services.metrics().upstream_errors.labels(exc.kind).inc()
         raise BadGateway(
             f"The upstream request failed: {exc}.", code=f"upstream_{exc.kind}", kind=exc.kind
         ) from None
-    g.upstream_status = upstream_response.status
-    g.upstream_ms = round(upstream_response.elapsed_ms, 2)
-    services.metrics().upstream_latency.labels(request.method).observe(
-        upstream_response.elapsed_ms / 1000
-    )
-    return client_response(upstream_response)
 
 
-def client_response(upstream_response: UpstreamResponse) -> Response:
-    """The client's copy of an upstream response: same status and body bytes, safe headers."""
-    base_url = services.settings().upstream_base_url or ""
-    headers = filter_response_headers(upstream_response.headers, base_url)
-    response = Response(upstream_response.body, status=upstream_response.status)
+def client_response(served: Served) -> Response:
+    """The client's copy: status, body bytes and safe headers, plus what the cache did."""
+    response = Response(served.body, status=served.status)
     del response.headers["content-type"]
-    for name, value in headers:
+    for name, value in served.headers:
         response.headers.add(name, value)
-    if request.method == "HEAD":
-        length = upstream_response.header("content-length")
+    response.headers["x-cache"] = served.outcome.value
+    if served.age_s is not None:
+        response.headers["age"] = str(served.age_s)
+    settings = services.settings()
+    if settings.cache_debug and served.key is not None:
+        response.headers["x-cache-key-hash"] = key_hash(served.key)
+    if request.method == "HEAD" and served.upstream is not None and served.outcome == "BYPASS":
+        length = served.upstream.header("content-length")
         if length is not None and length.isdigit():
             response.headers["content-length"] = length
+    g.cache = served.outcome.value
+    if served.upstream is not None:
+        g.upstream_status = served.upstream.status
+        g.upstream_ms = round(served.upstream.elapsed_ms, 2)
+    services.metrics().cache_outcomes.labels(served.outcome.value).inc()
     return response
 
 

@@ -1,0 +1,50 @@
+"""A bounded pool for work that must not hold up a response (stale-while-revalidate refreshes).
+
+Under gunicorn's gevent workers the pool is a gevent Pool; in a plain process (tests, tools) it
+is a small thread pool. Either way a full pool refuses new work instead of queueing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+
+def background_spawner(size: int) -> Callable[[Callable[[], None]], bool]:
+    """A function that starts ``work`` in the background and says whether it did."""
+    import gevent.monkey
+
+    if gevent.monkey.is_module_patched("socket"):
+        import gevent.pool
+
+        pool = gevent.pool.Pool(size)
+
+        def spawn_greenlet(work: Callable[[], None]) -> bool:
+            if pool.full():
+                return False
+            pool.spawn(work)
+            return True
+
+        return spawn_greenlet
+
+    executor = ThreadPoolExecutor(max_workers=size, thread_name_prefix="proxy-app-refresh")
+    slots = threading.BoundedSemaphore(size)
+
+    def spawn_thread(work: Callable[[], None]) -> bool:
+        if not slots.acquire(blocking=False):
+            return False
+
+        def run() -> None:
+            try:
+                work()
+            finally:
+                slots.release()
+
+        executor.submit(run)
+        return True
+
+    return spawn_thread

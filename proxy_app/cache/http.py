@@ -1,0 +1,277 @@
+"""The proxy's response cache: GET/HEAD answers from the CacheService, following the policy of a
+shared HTTP cache; conditional revalidation upstream; conditional answers (304) to clients;
+invalidation after successful writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import struct
+import time
+from collections.abc import Mapping, Sequence
+
+import orjson
+
+from proxy_app.cache import policy
+from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Stored
+from proxy_app.forwarding import filter_response_headers
+from proxy_app.redis import RedisUnavailable
+from proxy_app.settings import Settings
+from proxy_app.upstream import UpstreamClient, UpstreamError, UpstreamResponse
+
+log = logging.getLogger(__name__)
+
+_META_LENGTH = struct.Struct("!I")
+# Upstream 304 headers that update a stored response; the rest (length, encoding) describe a
+# body the 304 does not carry.
+_NOT_UPDATED_BY_304 = frozenset({"content-length", "content-encoding", "transfer-encoding"})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class HttpEntry:
+    """A stored response: status, the headers clients get, the body bytes, and what its age and
+    variant are computed from."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+    response_time: float
+    initial_age_s: float
+    vary: Mapping[str, str]
+
+    def encode(self) -> bytes:
+        meta = orjson.dumps(
+            {
+                "status": self.status,
+                "headers": self.headers,
+                "response_time": self.response_time,
+                "initial_age": self.initial_age_s,
+                "vary": self.vary,
+            }
+        )
+        return _META_LENGTH.pack(len(meta)) + meta + self.body
+
+    @classmethod
+    def decode(cls, blob: bytes) -> HttpEntry:
+        (length,) = _META_LENGTH.unpack_from(blob)
+        meta = orjson.loads(blob[_META_LENGTH.size : _META_LENGTH.size + length])
+        return cls(
+            status=meta["status"],
+            headers=tuple((name, value) for name, value in meta["headers"]),
+            body=blob[_META_LENGTH.size + length :],
+            response_time=meta["response_time"],
+            initial_age_s=meta["initial_age"],
+            vary=meta["vary"],
+        )
+
+    def age_s(self, now: float) -> int:
+        return int(self.initial_age_s + max(0.0, now - self.response_time))
+
+    def matches(self, request_headers: Mapping[str, str]) -> bool:
+        """Whether the request selects this variant (the headers named by the response's Vary)."""
+        return all(
+            policy.normalize_variant_value(name, request_headers.get(name)) == value
+            for name, value in self.vary.items()
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Served:
+    """What the proxy answers with, and how the cache was involved."""
+
+    status: int
+    headers: Sequence[tuple[str, str]]
+    body: bytes
+    outcome: Outcome
+    age_s: int | None = None
+    key: str | None = None
+    upstream: UpstreamResponse | None = None
+
+
+class ProxyCache:
+    def __init__(self, store: CacheService, upstream: UpstreamClient, settings: Settings) -> None:
+        self.store = store
+        self.upstream = upstream
+        self.settings = settings
+        self._base_url = settings.upstream_base_url or ""
+
+    def fetch(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        forwarded: Mapping[str, str],
+        client_header_names: Sequence[str],
+    ) -> Served:
+        """Answer a GET or HEAD. Raises UpstreamError when the upstream failed and no stored
+        response may stand in."""
+        if policy.request_bypass_reason(
+            path, client_header_names, self.settings.cache_bypass_paths
+        ):
+            return self._pass_through(method, path, query, forwarded)
+        key = policy.cache_key(path, query, forwarded)
+        if method == "HEAD":
+            return self._head(key, path, query, forwarded)
+        outbound = {k: v for k, v in forwarded.items() if k not in policy.CONDITIONAL_HEADERS}
+        target = policy.request_target(path, query)
+
+        # The upstream response this request's own load got, for the request log line.
+        answered: list[UpstreamResponse] = []
+
+        def loader(previous: Stored | None) -> Load:
+            return self._load(path, query, outbound, previous, answered)
+
+        try:
+            result = self.store.wrap(
+                key,
+                loader,
+                usable=lambda stored: HttpEntry.decode(stored.value).matches(forwarded),
+                index=policy.index_key(target),
+            )
+        except LoadFailed as failed:
+            if isinstance(failed.fallback, UpstreamResponse):
+                return self._served_upstream(failed.fallback, Outcome.BYPASS, key)
+            if isinstance(failed.error, UpstreamError):
+                raise failed.error from None
+            raise
+        entry = HttpEntry.decode(result.value)
+        cached = result.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED)
+        age = entry.age_s(time.time()) if cached else None
+        upstream = answered[0] if answered else None
+        served = Served(entry.status, entry.headers, entry.body, result.outcome, age, key, upstream)
+        if entry.status == 200 and policy.not_modified(forwarded, entry.headers):
+            return _not_modified(served)
+        return served
+
+    def invalidate(self, path: str, query: str) -> int:
+        """Drop every stored variant of a request target (after a successful write to it)."""
+        try:
+            return self.store.delete_indexed(policy.index_key(policy.request_target(path, query)))
+        except RedisUnavailable:
+            log.warning("cache invalidation after a write was skipped: Redis is unavailable")
+            return 0
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _load(
+        self,
+        path: str,
+        query: str,
+        outbound: Mapping[str, str],
+        previous: Stored | None,
+        answered: list[UpstreamResponse],
+    ) -> Load:
+        stale = HttpEntry.decode(previous.value) if previous is not None else None
+        headers = dict(outbound)
+        if stale is not None:
+            etag = policy.first_header(stale.headers, "etag")
+            modified = policy.first_header(stale.headers, "last-modified")
+            if etag:
+                headers["if-none-match"] = etag
+            if modified:
+                headers["if-modified-since"] = modified
+        request_time = time.time()
+        try:
+            response = self.upstream.request("GET", path, query=query, headers=headers)
+        except UpstreamError as exc:
+            raise LoadFailed(error=exc) from exc
+        response_time = time.time()
+        answered.append(response)
+        if response.status == 304 and stale is not None:
+            return self._revalidated(stale, response, request_time, response_time)
+        if response.status >= 500:
+            raise LoadFailed(fallback=response)
+        entry = HttpEntry(
+            status=response.status,
+            headers=tuple(filter_response_headers(response.headers, self._base_url)),
+            body=response.body,
+            response_time=response_time,
+            initial_age_s=0.0,
+            vary={},
+        )
+        if policy.unstorable_reason(response.status, response.headers, len(response.body)):
+            return Load(entry.encode(), store=False)
+        fresh = policy.freshness(
+            response.headers, self.settings, request_time=request_time, response_time=response_time
+        )
+        if not policy.worth_storing(fresh, policy.has_validator(response.headers)):
+            return Load(entry.encode(), store=False)
+        vary = {
+            name: policy.normalize_variant_value(name, outbound.get(name))
+            for name in policy.vary_header_names(response.headers)
+        }
+        entry = dataclasses.replace(entry, initial_age_s=fresh.initial_age_s, vary=vary)
+        return _load_for(entry, fresh)
+
+    def _revalidated(
+        self,
+        stale: HttpEntry,
+        response: UpstreamResponse,
+        request_time: float,
+        response_time: float,
+    ) -> Load:
+        """A 304 to our conditional request: the stored body stands, with refreshed headers."""
+        updates = [
+            (name.lower(), value)
+            for name, value in response.headers
+            if name.lower() not in _NOT_UPDATED_BY_304
+        ]
+        updated_names = {name for name, _ in updates}
+        raw = [(n, v) for n, v in stale.headers if n not in updated_names] + updates
+        fresh = policy.freshness(
+            raw, self.settings, request_time=request_time, response_time=response_time
+        )
+        entry = dataclasses.replace(
+            stale,
+            headers=tuple(filter_response_headers(raw, self._base_url)),
+            response_time=response_time,
+            initial_age_s=fresh.initial_age_s,
+        )
+        return _load_for(entry, fresh, revalidated=True)
+
+    def _head(self, key: str, path: str, query: str, forwarded: Mapping[str, str]) -> Served:
+        """HEAD is answered from a fresh stored GET response; otherwise it goes upstream."""
+        try:
+            stored = self.store.get(key)
+        except RedisUnavailable:
+            stored = None
+        if stored is not None and time.time() < stored.fresh_until:
+            entry = HttpEntry.decode(stored.value)
+            if entry.matches(forwarded):
+                age = entry.age_s(time.time())
+                return Served(entry.status, entry.headers, entry.body, Outcome.HIT, age, key)
+        return self._pass_through("HEAD", path, query, forwarded, key)
+
+    def _pass_through(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        forwarded: Mapping[str, str],
+        key: str | None = None,
+    ) -> Served:
+        response = self.upstream.request(method, path, query=query, headers=forwarded)
+        return self._served_upstream(response, Outcome.BYPASS, key)
+
+    def _served_upstream(
+        self, response: UpstreamResponse, outcome: Outcome, key: str | None
+    ) -> Served:
+        headers = filter_response_headers(response.headers, self._base_url)
+        return Served(response.status, headers, response.body, outcome, None, key, response)
+
+
+def _load_for(entry: HttpEntry, fresh: policy.Freshness, *, revalidated: bool = False) -> Load:
+    retain = policy.VALIDATOR_RETENTION_S if policy.has_validator(entry.headers) else 0.0
+    return Load(
+        entry.encode(),
+        ttl_s=fresh.fresh_for_s,
+        stale_s=fresh.stale_while_revalidate_s,
+        stale_if_error_s=fresh.stale_if_error_s,
+        retain_s=retain,
+        revalidated=revalidated,
+    )
+
+
+def _not_modified(served: Served) -> Served:
+    headers = [(n, v) for n, v in served.headers if n in policy.NOT_MODIFIED_HEADERS]
+    return dataclasses.replace(served, status=304, headers=headers, body=b"")

@@ -1,0 +1,328 @@
+"""HTTP caching decisions of a shared cache (RFC 9111, RFC 5861): which requests may use the
+cache, which responses may be stored, for how long they are fresh and may be served stale, and
+the Redis key of a response variant. Pure functions: no I/O."""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import hashlib
+import re
+from collections.abc import Iterable, Mapping, Sequence
+
+from proxy_app.settings import Settings
+
+KEY_PREFIX = "proxy:GET:"
+INDEX_PREFIX = "proxy:index:"
+VARIANT_SEPARATOR = "#"  # never part of a request target: it would start a fragment
+
+# Request headers that select a representation; every cache key covers them.
+VARIANT_HEADERS = ("accept", "accept-encoding", "accept-language")
+# Conditional request headers the cache answers itself (after fetching a full response).
+CONDITIONAL_HEADERS = ("if-none-match", "if-modified-since")
+# With these a client asks about a specific stored state; such requests go straight upstream.
+PRECONDITION_HEADERS = ("if-match", "if-unmodified-since", "if-range", "range")
+# Cacheable statuses: the 2xx family minus 204 (no content) and 206 (partial content).
+UNCACHEABLE_2XX = frozenset({204, 206})
+# Responses larger than this are passed through, never stored.
+MAX_STORED_BODY_BYTES = 8 * 1024 * 1024
+# An entry that carries a validator is kept this long after it stops being usable, so that an
+# expired entry can be revalidated with a conditional request instead of refetched in full.
+VALIDATOR_RETENTION_S = 600.0
+
+_GLOB_SPECIALS = re.compile(r"([*?\[\]\\])")
+_DIRECTIVE = re.compile(
+    r'\s*([!#$%&\'*+.^_`|~0-9A-Za-z-]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^,]*))?\s*(?:,|$)'
+)
+
+
+def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
+    """Cache-Control directives, names lowercased; ``max-age=60`` -> {"max-age": "60"}."""
+    directives: dict[str, str | None] = {}
+    for value in values:
+        for match in _DIRECTIVE.finditer(value):
+            name, argument = match.group(1).lower(), match.group(2)
+            if argument is not None:
+                argument = argument.strip()
+                if argument.startswith('"') and argument.endswith('"') and len(argument) >= 2:
+                    argument = argument[1:-1]
+            directives.setdefault(name, argument)
+    return directives
+
+
+def delta_seconds(directives: Mapping[str, str | None], name: str) -> int | None:
+    """A directive's non-negative integer argument, or None when absent or malformed."""
+    raw = directives.get(name)
+    if raw is None or not raw.isdigit():
+        return None
+    return int(raw)
+
+
+def http_date(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+def header_values(headers: Sequence[tuple[str, str]], name: str) -> list[str]:
+    return [value for key, value in headers if key.lower() == name]
+
+
+def first_header(headers: Sequence[tuple[str, str]], name: str) -> str | None:
+    values = header_values(headers, name)
+    return values[0] if values else None
+
+
+# --- keys ------------------------------------------------------------------------------------
+
+
+def normalize_variant_value(name: str, value: str | None) -> str:
+    """Equivalent header values map to one cache variant (case, spacing, token order)."""
+    if not value:
+        return ""
+    tokens = [" ".join(token.split()).lower() for token in value.split(",") if token.strip()]
+    if name == "accept-encoding":
+        kept = []
+        for token in tokens:
+            coding, _, params = token.partition(";")
+            if params.replace(" ", "") in ("q=0", "q=0.0", "q=0.00", "q=0.000"):
+                continue
+            kept.append(coding.strip())
+        return ",".join(sorted(set(kept)))
+    return ",".join(token.replace(" ;", ";").replace("; ", ";") for token in tokens)
+
+
+def request_target(path: str, query: str) -> str:
+    return f"{path}?{query}" if query else path
+
+
+def variant_id(headers: Mapping[str, str]) -> str:
+    material = "\n".join(
+        f"{name}:{normalize_variant_value(name, headers.get(name))}" for name in VARIANT_HEADERS
+    )
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def cache_key(path: str, query: str, headers: Mapping[str, str]) -> str:
+    """``proxy:GET:<path>?<query>#<variant>``: readable up to the variant, so that operators can
+    invalidate by path or prefix with SCAN; the variant hashes the representation headers."""
+    return f"{KEY_PREFIX}{request_target(path, query)}{VARIANT_SEPARATOR}{variant_id(headers)}"
+
+
+def index_key(target: str) -> str:
+    """The set of variant keys stored for one request target."""
+    return f"{INDEX_PREFIX}{target}"
+
+
+def key_hash(key: str) -> str:
+    """What CACHE_DEBUG shows: identifies an entry without revealing the path or query."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def glob_escape(text: str) -> str:
+    return _GLOB_SPECIALS.sub(r"\\\1", text)
+
+
+def target_pattern(target: str) -> str:
+    """SCAN pattern matching every variant of exactly this request target."""
+    return f"{KEY_PREFIX}{glob_escape(target)}{VARIANT_SEPARATOR}*"
+
+
+def prefix_pattern(prefix: str) -> str:
+    return f"{KEY_PREFIX}{glob_escape(prefix)}*"
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def path_is_bypassed(path: str, bypass_prefixes: Iterable[str]) -> bool:
+    """Prefixes match whole segments: ``/auth`` covers ``/auth`` and ``/auth/x``, but not
+    ``/authors``."""
+    for prefix in bypass_prefixes:
+        if prefix.endswith("/"):
+            if path.startswith(prefix) or path == prefix.rstrip("/"):
+                return True
+        elif path == prefix or path.startswith(prefix + "/"):
+            return True
+    return False
+
+
+def request_bypass_reason(
+    path: str, client_header_names: Iterable[str], bypass_prefixes: Iterable[str]
+) -> str | None:
+    """Why this GET/HEAD must not use the cache, or None."""
+    names = {name.lower() for name in client_header_names}
+    if "authorization" in names:
+        return "authorization"
+    if names.intersection(PRECONDITION_HEADERS):
+        return "precondition"
+    if path_is_bypassed(path, bypass_prefixes):
+        return "bypass_path"
+    return None
+
+
+# --- responses -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Freshness:
+    """How a stored response may be used, in seconds relative to when it was received."""
+
+    lifetime_s: float
+    initial_age_s: float
+    stale_while_revalidate_s: float
+    stale_if_error_s: float
+    always_revalidate: bool
+
+    @property
+    def fresh_for_s(self) -> float:
+        return max(0.0, self.lifetime_s - self.initial_age_s)
+
+
+def unstorable_reason(
+    status: int, headers: Sequence[tuple[str, str]], body_size: int
+) -> str | None:
+    """Why a response to a GET must not be stored, or None when it may be."""
+    if not 200 <= status < 300 or status in UNCACHEABLE_2XX:
+        return "status"
+    directives = parse_cache_control(header_values(headers, "cache-control"))
+    if "no-store" in directives:
+        return "no-store"
+    if "private" in directives:
+        return "private"
+    if header_values(headers, "set-cookie"):
+        return "set-cookie"
+    vary = {v.strip().lower() for value in header_values(headers, "vary") for v in value.split(",")}
+    if "*" in vary:
+        return "vary-star"
+    if body_size > MAX_STORED_BODY_BYTES:
+        return "too-large"
+    return None
+
+
+def vary_header_names(headers: Sequence[tuple[str, str]]) -> list[str]:
+    names = {
+        v.strip().lower() for value in header_values(headers, "vary") for v in value.split(",")
+    }
+    return sorted(name for name in names if name and name != "*")
+
+
+def has_validator(headers: Sequence[tuple[str, str]]) -> bool:
+    return bool(first_header(headers, "etag") or first_header(headers, "last-modified"))
+
+
+def freshness(
+    headers: Sequence[tuple[str, str]],
+    settings: Settings,
+    *,
+    request_time: float,
+    response_time: float,
+) -> Freshness:
+    """Freshness lifetime, age on arrival and stale windows of a response (RFC 9111 section 4.2,
+    RFC 5861); the settings supply the gateway's defaults."""
+    default_stale_s = float(settings.cache_stale_ttl_s)
+    if settings.cache_ignore_upstream_control:
+        return Freshness(
+            lifetime_s=float(settings.cache_ttl_default_s),
+            initial_age_s=0.0,
+            stale_while_revalidate_s=default_stale_s,
+            stale_if_error_s=default_stale_s,
+            always_revalidate=False,
+        )
+    directives = parse_cache_control(header_values(headers, "cache-control"))
+    date_value = http_date(first_header(headers, "date"))
+    s_maxage = delta_seconds(directives, "s-maxage")
+    max_age = delta_seconds(directives, "max-age")
+    lifetime: float
+    if s_maxage is not None:
+        lifetime = s_maxage
+    elif max_age is not None:
+        lifetime = max_age
+    elif first_header(headers, "expires") is not None:
+        expires = http_date(first_header(headers, "expires"))
+        # An invalid Expires (such as "0") means already expired.
+        lifetime = max(0.0, expires - (date_value or response_time)) if expires else 0.0
+    else:
+        lifetime = float(settings.cache_ttl_default_s)
+
+    always_revalidate = "no-cache" in directives
+    if always_revalidate:
+        lifetime = 0.0
+    # must-revalidate/proxy-revalidate forbid stale use; s-maxage implies proxy-revalidate,
+    # so only the origin's explicit stale-* directives may open a stale window then.
+    forbid_stale = "must-revalidate" in directives or "proxy-revalidate" in directives
+    default_allowed = not (forbid_stale or always_revalidate or s_maxage is not None)
+    swr = delta_seconds(directives, "stale-while-revalidate")
+    sie = delta_seconds(directives, "stale-if-error")
+    stale_while_revalidate = (
+        0.0
+        if forbid_stale
+        else float(swr if swr is not None else (default_stale_s if default_allowed else 0))
+    )
+    stale_if_error = (
+        0.0
+        if forbid_stale
+        else float(sie if sie is not None else (default_stale_s if default_allowed else 0))
+    )
+
+    age_header = first_header(headers, "age")
+    age_value = int(age_header) if age_header and age_header.strip().isdigit() else 0
+    apparent_age = max(0.0, response_time - date_value) if date_value else 0.0
+    corrected_age = age_value + max(0.0, response_time - request_time)
+    return Freshness(
+        lifetime_s=lifetime,
+        initial_age_s=max(apparent_age, corrected_age),
+        stale_while_revalidate_s=stale_while_revalidate,
+        stale_if_error_s=stale_if_error,
+        always_revalidate=always_revalidate,
+    )
+
+
+def worth_storing(fresh: Freshness, validator: bool) -> bool:
+    """A response that can never be served (already stale, no stale window, no validator to
+    revalidate it with) is not worth a Redis write."""
+    return (
+        fresh.fresh_for_s > 0
+        or fresh.stale_while_revalidate_s > 0
+        or fresh.stale_if_error_s > 0
+        or validator
+    )
+
+
+# --- conditional requests --------------------------------------------------------------------
+
+
+def _etags(value: str) -> list[str]:
+    return [tag.strip().removeprefix("W/") for tag in value.split(",") if tag.strip()]
+
+
+def not_modified(
+    request_headers: Mapping[str, str], response_headers: Sequence[tuple[str, str]]
+) -> bool:
+    """Whether a client's If-None-Match / If-Modified-Since is satisfied by this response, so a
+    304 answers it (RFC 9110 section 13.2.2; weak comparison for If-None-Match)."""
+    if_none_match = request_headers.get("if-none-match")
+    if if_none_match is not None:
+        etag = first_header(response_headers, "etag")
+        if if_none_match.strip() == "*":
+            return True
+        if etag is None:
+            return False
+        return etag.strip().removeprefix("W/") in _etags(if_none_match)
+    since = http_date(request_headers.get("if-modified-since"))
+    if since is None:
+        return False
+    modified = http_date(first_header(response_headers, "last-modified"))
+    return modified is not None and modified <= since
+
+
+# Headers a 304 carries (RFC 9110 section 15.4.5).
+NOT_MODIFIED_HEADERS = frozenset(
+    {"cache-control", "content-location", "date", "etag", "expires", "vary", "last-modified"}
+)

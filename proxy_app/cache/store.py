@@ -1,0 +1,362 @@
+"""CacheService: cache-aside over Redis with stale-while-revalidate, stale-if-error and request
+coalescing, for opaque byte values.
+
+``wrap(key, loader)``: fresh -> the stored value; stale within its window -> the stored value
+now and one background refresh (at most one per key across all workers and replicas, by a short
+Redis lock); expired or missing -> one load per key at a time (waiters in this worker share it,
+other workers poll for its result for a bounded time, then load themselves). When Redis fails,
+every operation degrades to pass-through and the caller is told (outcome BYPASS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import logging
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from proxy_app.redis import RedisService, RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+# How often a worker waiting for another worker's load looks for its result.
+POLL_INTERVAL_S = 0.02
+# After a load whose result was not stored, waiters elsewhere are told so for this long.
+PASS_MARKER_TTL_MS = 1000
+_PASS = b"pass"
+_HEADER = struct.Struct("!4sdddd")
+_MAGIC = b"PXC1"
+_LUA_DIR = Path(__file__).with_name("lua")
+
+
+class Outcome(enum.StrEnum):
+    HIT = "HIT"
+    MISS = "MISS"
+    STALE = "STALE"
+    REVALIDATED = "REVALIDATED"
+    BYPASS = "BYPASS"
+
+
+class LoadFailed(Exception):
+    """Raised by a loader when the source failed; a stale value may still be served. Carries
+    what the caller should answer when none can be."""
+
+    def __init__(self, *, error: Exception | None = None, fallback: Any = None) -> None:
+        super().__init__(str(error) if error else "load failed")
+        self.error = error
+        self.fallback = fallback
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Load:
+    """What a loader returns: the value and how long it may be used."""
+
+    value: bytes
+    ttl_s: float | None = None  # fresh for; None: the default TTL
+    stale_s: float | None = None  # may be served while refreshing; None: the default
+    stale_if_error_s: float | None = None  # may be served when refreshing fails; None: stale_s
+    retain_s: float = 0.0  # kept this much longer (e.g. to revalidate it cheaply)
+    store: bool = True
+    revalidated: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Stored:
+    value: bytes
+    stored_at: float
+    fresh_until: float
+    stale_until: float
+    error_until: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    value: bytes
+    outcome: Outcome
+    stored: Stored | None = None  # the entry the value came from, when it came from the cache
+
+
+Loader = Callable[[Stored | None], Load]
+Spawn = Callable[[Callable[[], None]], bool]
+
+
+@dataclasses.dataclass
+class _Flight:
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    result: Result | None = None
+    error: BaseException | None = None
+
+
+def _lua(name: str) -> str:
+    return (_LUA_DIR / name).read_text()
+
+
+def encode(stored: Stored) -> bytes:
+    header = _HEADER.pack(
+        _MAGIC, stored.stored_at, stored.fresh_until, stored.stale_until, stored.error_until
+    )
+    return header + stored.value
+
+
+def decode(blob: bytes) -> Stored | None:
+    if len(blob) < _HEADER.size:
+        return None
+    magic, stored_at, fresh_until, stale_until, error_until = _HEADER.unpack_from(blob)
+    if magic != _MAGIC:
+        return None
+    return Stored(blob[_HEADER.size :], stored_at, fresh_until, stale_until, error_until)
+
+
+class CacheService:
+    def __init__(
+        self,
+        redis: RedisService,
+        *,
+        default_ttl_s: float,
+        default_stale_s: float,
+        load_timeout_s: float,
+        spawn: Spawn,
+    ) -> None:
+        self.redis = redis
+        self.default_ttl_s = default_ttl_s
+        self.default_stale_s = default_stale_s
+        # Waiters give up on someone else's load after this long and load themselves.
+        self.wait_s = load_timeout_s + 1.0
+        self._lock_ms = int(self.wait_s * 1000) + 1000
+        self._spawn = spawn
+        self._flights: dict[str, _Flight] = {}
+        self._flights_lock = threading.Lock()
+        client = redis.client
+        self._store_script = client.register_script(_lua("cache_store.lua"))
+        self._release_script = client.register_script(_lua("lock_release.lua"))
+        self._delete_target_script = client.register_script(_lua("cache_delete_indexed.lua"))
+
+    # --- plain operations --------------------------------------------------------------------
+
+    def get(self, key: str) -> Stored | None:
+        """The stored entry (fresh, stale or only kept for revalidation), or None."""
+        blob = self._redis(lambda client: client.get(key))
+        return decode(blob) if blob else None
+
+    def set(
+        self,
+        key: str,
+        value: bytes,
+        ttl_s: float | None = None,
+        stale_s: float | None = None,
+        *,
+        stale_if_error_s: float | None = None,
+        retain_s: float = 0.0,
+        index: str | None = None,
+    ) -> Stored:
+        now = time.time()
+        ttl = self.default_ttl_s if ttl_s is None else ttl_s
+        stale = self.default_stale_s if stale_s is None else stale_s
+        on_error = stale if stale_if_error_s is None else stale_if_error_s
+        stored = Stored(value, now, now + ttl, now + ttl + stale, now + ttl + on_error)
+        expire_ms = max(1, int((max(stale, on_error) + ttl + retain_s) * 1000))
+        keys = [key, index] if index else [key]
+        self._redis(
+            lambda client: self._store_script(
+                keys=keys, args=[encode(stored), expire_ms], client=client
+            )
+        )
+        return stored
+
+    def delete(self, key: str) -> bool:
+        return bool(self._redis(lambda client: client.delete(key)))
+
+    def delete_indexed(self, index: str) -> int:
+        """Delete every key listed in an index set, and the set; returns how many went."""
+        return int(
+            self._redis(
+                lambda client: self._delete_target_script(keys=[index], args=[], client=client)
+            )
+        )
+
+    # --- cache-aside with stale-while-revalidate and coalescing -------------------------------
+
+    def wrap(
+        self,
+        key: str,
+        loader: Loader,
+        *,
+        usable: Callable[[Stored], bool] = lambda _stored: True,
+        index: str | None = None,
+    ) -> Result:
+        try:
+            stored = self.get(key)
+        except RedisUnavailable:
+            return Result(loader(None).value, Outcome.BYPASS)
+        if stored is not None and not usable(stored):
+            stored = None
+        now = time.time()
+        if stored is not None:
+            if now < stored.fresh_until:
+                return Result(stored.value, Outcome.HIT, stored)
+            if now < stored.stale_until:
+                self._refresh_in_background(key, loader, stored, index)
+                return Result(stored.value, Outcome.STALE, stored)
+            try:
+                return self._load_coalesced(key, loader, stored, index, usable)
+            except LoadFailed:
+                if time.time() < stored.error_until:
+                    return Result(stored.value, Outcome.STALE, stored)
+                raise
+        return self._load_coalesced(key, loader, None, index, usable)
+
+    def _load_coalesced(
+        self,
+        key: str,
+        loader: Loader,
+        previous: Stored | None,
+        index: str | None,
+        usable: Callable[[Stored], bool],
+    ) -> Result:
+        with self._flights_lock:
+            flight = self._flights.get(key)
+            leader = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+        if not leader:
+            if flight.done.wait(self.wait_s):
+                if flight.error is not None:
+                    raise flight.error
+                if flight.result is not None and flight.result.outcome is not Outcome.BYPASS:
+                    return dataclasses.replace(flight.result, outcome=Outcome.HIT)
+            # The leader's result was not stored (or never came): load for ourselves.
+            return self._load_and_store(key, loader, previous, index)
+        try:
+            flight.result = self._load_across_workers(key, loader, previous, index, usable)
+            return flight.result
+        except BaseException as exc:
+            flight.error = exc
+            raise
+        finally:
+            flight.done.set()
+            with self._flights_lock:
+                self._flights.pop(key, None)
+
+    def _load_across_workers(
+        self,
+        key: str,
+        loader: Loader,
+        previous: Stored | None,
+        index: str | None,
+        usable: Callable[[Stored], bool],
+    ) -> Result:
+        token = secrets.token_hex(8)
+        lock = _lock_key(key)
+        try:
+            acquired = self._redis(
+                lambda client: client.set(lock, token, nx=True, px=self._lock_ms)
+            )
+        except RedisUnavailable:
+            return self._load_and_store(key, loader, previous, index)
+        if acquired:
+            result = None
+            try:
+                result = self._load_and_store(key, loader, previous, index)
+                return result
+            finally:
+                stored = result is not None and result.outcome is not Outcome.BYPASS
+                self._release(lock, token, stored)
+        waited = self._wait_for_other_load(key, lock, previous, usable)
+        if waited is not None:
+            return waited
+        return self._load_and_store(key, loader, previous, index)
+
+    def _wait_for_other_load(
+        self,
+        key: str,
+        lock: str,
+        previous: Stored | None,
+        usable: Callable[[Stored], bool],
+    ) -> Result | None:
+        """Poll for the entry another worker is loading; None when it will not come."""
+        deadline = time.monotonic() + self.wait_s
+        previous_at = previous.stored_at if previous else None
+        while time.monotonic() < deadline:
+            time.sleep(POLL_INTERVAL_S)
+            try:
+                blob, lock_value = self._redis(lambda client: client.mget(key, lock))
+            except RedisUnavailable:
+                return None
+            stored = decode(blob) if blob else None
+            if stored is not None and stored.stored_at != previous_at and usable(stored):
+                return Result(stored.value, Outcome.HIT, stored)
+            if lock_value is None or lock_value == _PASS:
+                return None
+        return None
+
+    def _load_and_store(
+        self, key: str, loader: Loader, previous: Stored | None, index: str | None
+    ) -> Result:
+        loaded = loader(previous)
+        if not loaded.store:
+            return Result(loaded.value, Outcome.BYPASS)
+        try:
+            stored = self.set(
+                key,
+                loaded.value,
+                loaded.ttl_s,
+                loaded.stale_s,
+                stale_if_error_s=loaded.stale_if_error_s,
+                retain_s=loaded.retain_s,
+                index=index,
+            )
+        except RedisUnavailable:
+            return Result(loaded.value, Outcome.BYPASS)
+        outcome = Outcome.REVALIDATED if loaded.revalidated else Outcome.MISS
+        return Result(loaded.value, outcome, stored)
+
+    def _release(self, lock: str, token: str, stored: bool) -> None:
+        # Without Redis the lock simply expires.
+        with contextlib.suppress(RedisUnavailable):
+            self._redis(
+                lambda client: self._release_script(
+                    keys=[lock],
+                    args=[token, "deleted" if stored else "pass", PASS_MARKER_TTL_MS],
+                    client=client,
+                )
+            )
+
+    def _refresh_in_background(
+        self, key: str, loader: Loader, previous: Stored, index: str | None
+    ) -> None:
+        def refresh() -> None:
+            token = secrets.token_hex(8)
+            lock = _lock_key(key)
+            try:
+                if not self._redis(lambda c: c.set(lock, token, nx=True, px=self._lock_ms)):
+                    return  # another worker or replica is refreshing this key
+            except RedisUnavailable:
+                return
+            stored = False
+            try:
+                result = self._load_and_store(key, loader, previous, index)
+                stored = result.outcome is not Outcome.BYPASS
+            except LoadFailed as exc:
+                log.info("background refresh failed", extra={"reason": str(exc.error or exc)})
+            except Exception:
+                log.exception("background refresh failed")
+            finally:
+                self._release(lock, token, stored)
+
+        if not self._spawn(refresh):
+            log.debug("background refresh skipped: the refresh pool is full")
+
+    def _redis(self, operation: Callable[[Any], Any]) -> Any:
+        return self.redis.call(operation)
+
+
+def _lock_key(key: str) -> str:
+    # Outside the entries' namespace, so that invalidating entries never touches a lock.
+    return f"proxy:lock:{key}"
