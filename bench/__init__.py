@@ -1,0 +1,1 @@
+"""Benchmarks that print numbers: run ``python -m bench`` (see README, Performance)."""

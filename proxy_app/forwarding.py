@@ -1,0 +1,171 @@
+"""What may cross the gateway: the upstream path judged safe, the request headers allowed out,
+and the response headers allowed back."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import unquote_to_bytes, urlsplit
+
+from proxy_app.errors import BadRequest
+
+GATEWAY_PREFIX = "/api/v1"
+
+# Representation, conditional, identity and tracing headers; everything else stays here
+# (cookie, authorization, host, x-api-key, a caller's api_key, forwarded/x-forwarded-*, hop-by-hop).
+FORWARDED_REQUEST_HEADERS = frozenset(
+    {
+        "accept",
+        "accept-charset",
+        "accept-encoding",
+        "accept-language",
+        "content-type",
+        "content-language",
+        "user-agent",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "traceparent",
+        "tracestate",
+        "baggage",
+        "b3",
+        "x-b3-traceid",
+        "x-b3-spanid",
+        "x-b3-parentspanid",
+        "x-b3-sampled",
+        "x-b3-flags",
+        "x-correlation-id",
+    }
+)
+
+# Headers that describe the representation or its caching; hop-by-hop, cookies, server identity
+# and the upstream's own auth challenges or rate-limit counters are not the client's business.
+PASSED_RESPONSE_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-encoding",
+        "content-language",
+        "content-disposition",
+        "content-range",
+        "content-location",
+        "accept-ranges",
+        "cache-control",
+        "etag",
+        "last-modified",
+        "expires",
+        "vary",
+        "link",
+        "location",
+        "retry-after",
+        "allow",
+        "deprecation",
+        "sunset",
+    }
+)
+
+_SCHEME_PREFIX = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:[/\\]")
+# Enough decoding rounds to see through double and triple encoding; deeper nesting is refused.
+_MAX_DECODE_ROUNDS = 4
+
+
+def split_raw_uri(raw_uri: str) -> tuple[str, str]:
+    """The path and the raw query string exactly as the client sent them."""
+    if raw_uri.startswith(("http://", "https://")):  # absolute-form request target
+        after_scheme = raw_uri.split("://", 1)[1]
+        slash = after_scheme.find("/")
+        raw_uri = after_scheme[slash:] if slash >= 0 else "/"
+    path, _, query = raw_uri.partition("?")
+    return path, query
+
+
+def upstream_path(raw_path: str, raw_query: str) -> str:
+    """The upstream path for a gateway path, raw (still percent-encoded), or BadRequest when
+    it could leave the upstream origin."""
+    if raw_path != GATEWAY_PREFIX and not raw_path.startswith(GATEWAY_PREFIX + "/"):
+        raise BadRequest("The path is not under /api/v1.", code="invalid_path")
+    path = raw_path[len(GATEWAY_PREFIX) :] or "/"
+    problem = path_problem(path) or _query_problem(raw_query)
+    if problem:
+        raise BadRequest(f"The path was refused: {problem}.", code="invalid_path")
+    return path
+
+
+def path_problem(path: str) -> str | None:
+    """Why a raw upstream path is unsafe, or None. Every decoding of it is judged, so encoded
+    and double-encoded variants are caught like the plain ones."""
+    try:
+        current = path.encode("ascii")
+    except UnicodeEncodeError:
+        return "non-ASCII characters must be percent-encoded"
+    for _ in range(_MAX_DECODE_ROUNDS):
+        problem = _decoded_path_problem(current)
+        if problem:
+            return problem
+        decoded = unquote_to_bytes(current)
+        if decoded == current:
+            return None
+        current = decoded
+    return "too many levels of percent-encoding"
+
+
+def _decoded_path_problem(path: bytes) -> str | None:
+    if any(byte < 0x20 or byte == 0x7F for byte in path):
+        return "control characters"
+    if b"\\" in path:
+        return "backslashes"
+    if path.startswith(b"//"):
+        return "a network-path reference (//host)"
+    if _SCHEME_PREFIX.match(path.lstrip(b"/")):
+        return "an absolute URL"
+    if any(segment in (b".", b"..") for segment in path.split(b"/")):
+        return "dot segments"
+    return None
+
+
+def _query_problem(query: str) -> str | None:
+    if any(ord(ch) < 0x20 or ord(ch) >= 0x7F for ch in query) or "#" in query:
+        return "the query string holds characters that must be percent-encoded"
+    return None
+
+
+def forward_request_headers(headers: Iterable[tuple[str, str]], request_id: str) -> dict[str, str]:
+    """The allowlisted client headers, plus our request id; the upstream key is added later."""
+    forwarded: dict[str, str] = {}
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in FORWARDED_REQUEST_HEADERS:
+            forwarded[lowered] = f"{forwarded[lowered]}, {value}" if lowered in forwarded else value
+    # Without this the upstream may compress for an encoding the client never asked for.
+    forwarded.setdefault("accept-encoding", "identity")
+    forwarded["x-request-id"] = request_id
+    return forwarded
+
+
+def filter_response_headers(
+    headers: Iterable[tuple[str, str]], upstream_base_url: str
+) -> list[tuple[str, str]]:
+    """The safe upstream response headers; Location into the upstream becomes a gateway path."""
+    passed = []
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered not in PASSED_RESPONSE_HEADERS:
+            continue
+        if lowered in ("location", "content-location"):
+            value = gateway_location(value, upstream_base_url)
+        passed.append((lowered, value))
+    return passed
+
+
+def gateway_location(location: str, upstream_base_url: str) -> str:
+    """Map a Location that points into the upstream (absolute, or origin-relative under the
+    base path) to the gateway path a client should follow; any other value is left alone."""
+    base = upstream_base_url.rstrip("/")
+    if location.startswith("//"):
+        return location
+    prefix = urlsplit(base).path.rstrip("/") if location.startswith("/") else base
+    if prefix and location == prefix:
+        return GATEWAY_PREFIX + "/"
+    if location.startswith((prefix + "/", prefix + "?")):
+        return GATEWAY_PREFIX + location[len(prefix) :]
+    return location

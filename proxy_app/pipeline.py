@@ -1,0 +1,68 @@
+"""Around every request: the request id first, then one log line and the metrics last."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, Response, g, request
+
+from proxy_app import services
+from proxy_app.logging import reset_request_id, set_request_id
+
+log = logging.getLogger("proxy_app.access")
+
+REQUEST_ID_HEADER = "x-request-id"
+_VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def route_group(path: str) -> str:
+    """A small fixed set of labels for metrics, never raw paths (their number is unbounded)."""
+    for prefix, group in (("/api/v1", "proxy"), ("/health", "health"), ("/internal", "admin")):
+        if path == prefix or path.startswith(prefix + "/"):
+            return group
+    return "other"
+
+
+def _start_request() -> None:
+    g.started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID_HEADER, "")
+    g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.request_id_token = set_request_id(g.request_id)
+
+
+def _finish_request(response: Response) -> Response:
+    response.headers[REQUEST_ID_HEADER] = g.request_id
+    duration_s = time.perf_counter() - g.started
+    group = route_group(request.path)
+    metrics = services.metrics()
+    metrics.requests.labels(group, request.method, str(response.status_code)).inc()
+    metrics.request_latency.labels(group).observe(duration_s)
+    level = logging.DEBUG if group == "health" else logging.INFO
+    if log.isEnabledFor(level):
+        fields: dict[str, object] = {
+            "method": request.method,
+            "path": request.path,
+            "status": response.status_code,
+            "duration_ms": round(duration_s * 1000, 2),
+        }
+        for name in ("upstream_status", "upstream_ms", "cache", "key_id"):
+            value = g.get(name)
+            if value is not None:
+                fields[name] = value
+        log.log(level, "request", extra=fields)
+    return response
+
+
+def _teardown_request(_exc: BaseException | None) -> None:
+    token = g.pop("request_id_token", None)
+    if token is not None:
+        reset_request_id(token)
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_start_request)
+    app.after_request(_finish_request)
+    app.teardown_request(_teardown_request)

@@ -1,0 +1,270 @@
+"""Every environment variable the service reads, declared once and loaded into frozen Settings.
+
+Nothing else in the package reads ``os.environ``: the entry point passes the environment here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+class SettingsError(Exception):
+    """Raised with every problem found, one human-readable line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "0.0.0.0"  # noqa: S104 - a container's service listens on all its interfaces
+    port: int = 3000
+    log_level: str = "info"
+    web_concurrency: int = 2
+    worker_connections: int = 1000
+    graceful_timeout_s: int = 30
+    keepalive_s: int = 95
+    upstream_base_url: str | None = None
+    upstream_timeout_ms: int = 10_000
+    upstream_retries: int = 2
+    upstream_api_key: str = dataclasses.field(default="", repr=False)
+    proxy_body_limit_bytes: int = 1_048_576
+    cache_redis_url: str = "redis://127.0.0.1:6379/0"
+    cache_ttl_default_s: int = 300
+    cache_stale_ttl_s: int = 60
+    cache_ignore_upstream_control: bool = False
+    cache_bypass_paths: tuple[str, ...] = ()
+    cache_debug: bool = False
+    api_keys_redis_url: str = "redis://127.0.0.1:6379/0"
+    api_keys_redis_prefix: str = "api-keys"
+    rate_limit_window_s: int = 60
+    rate_limit_max_requests: int = 120
+    redis_timeout_ms: int = 250
+    admin_api_token: str = dataclasses.field(default="", repr=False)
+    version: str = "dev"
+    # Set by the entry point, not by the environment: where workers write their metric samples.
+    metrics_multiproc_dir: str | None = None
+
+    def masked(self) -> dict[str, Any]:
+        """The resolved settings for the start-up log line; secrets shown only as set or empty."""
+        shown = dataclasses.asdict(self)
+        for name in SECRET_FIELDS:
+            shown[name] = "(set)" if shown[name] else "(empty)"
+        for name in ("cache_redis_url", "api_keys_redis_url"):
+            shown[name] = mask_url_password(shown[name])
+        return shown
+
+
+SECRET_FIELDS = ("upstream_api_key", "admin_api_token")
+
+
+def mask_url_password(url: str) -> str:
+    """``redis://:secret@host`` -> ``redis://:***@host``; URLs without a password are unchanged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username or ''}:***"
+    host = parts.netloc.rsplit("@", 1)[1]
+    return parts._replace(netloc=f"{userinfo}@{host}").geturl()
+
+
+def _http_base_url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValidationError("not an absolute http(s) URL")
+    if parts.query or parts.fragment:
+        raise ValidationError("must not carry a query string or fragment")
+    if parts.username or parts.password:
+        raise ValidationError("must not carry credentials (use HTTP_CLIENT_API_KEY)")
+
+
+def _redis_url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_URL_SCHEMES:
+        raise ValidationError("not a redis://, rediss:// or unix:// URL")
+    if parts.scheme != "unix" and not parts.hostname:
+        raise ValidationError("has no host")
+    try:
+        parts.port  # noqa: B018 - urlsplit validates the port lazily
+    except ValueError:
+        raise ValidationError("has an invalid port") from None
+
+
+def _path_prefixes(value: str) -> None:
+    for prefix in _split_csv(value):
+        if not prefix.startswith("/"):
+            raise ValidationError(f"prefix {prefix!r} does not start with '/'")
+
+
+def _split_csv(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def strip_gateway_prefix(path: str) -> str:
+    """Operators may write ``/api/v1/things``; the cache and bypass rules speak upstream paths."""
+    if path == "/api/v1" or path.startswith("/api/v1/"):
+        return path[len("/api/v1") :] or "/"
+    return path
+
+
+def _int(env: str, expected: str, low: int, high: int | None = None) -> fields.Integer:
+    return fields.Integer(
+        data_key=env,
+        strict=False,
+        validate=validate.Range(min=low, max=high),
+        metadata={"expected": expected},
+        error_messages={"invalid": "not an integer"},
+    )
+
+
+def _bool(env: str) -> fields.Boolean:
+    return fields.Boolean(
+        data_key=env,
+        metadata={"expected": "true or false"},
+        error_messages={"invalid": "not a boolean"},
+    )
+
+
+def _str(env: str, expected: str, *validators: Any, secret: bool = False) -> fields.String:
+    return fields.String(
+        data_key=env, validate=list(validators), metadata={"expected": expected, "secret": secret}
+    )
+
+
+class _SettingsSchema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+    host = _str(
+        "HOST",
+        "an IP address such as 0.0.0.0 or 127.0.0.1",
+        validate.Regexp(r"^[0-9A-Fa-f.:]{2,45}$", error="not an IP address"),
+    )
+    port = _int("PORT", "an integer from 1 to 65535", 1, 65535)
+    log_level = _str(
+        "LOG_LEVEL",
+        "one of " + ", ".join(LOG_LEVELS),
+        validate.OneOf(LOG_LEVELS, error="not a known level"),
+    )
+    web_concurrency = _int("WEB_CONCURRENCY", "an integer from 1 to 64", 1, 64)
+    worker_connections = _int("WORKER_CONNECTIONS", "an integer from 10 to 100000", 10, 100_000)
+    graceful_timeout_s = _int("GRACEFUL_TIMEOUT", "seconds, an integer from 1 to 600", 1, 600)
+    keepalive_s = _int("KEEPALIVE", "seconds, an integer from 1 to 3600", 1, 3600)
+    upstream_base_url = _str(
+        "HTTP_CLIENT_BASE_URL", "an http(s) URL such as https://api.example.com/v4", _http_base_url
+    )
+    upstream_timeout_ms = _int(
+        "HTTP_CLIENT_TIMEOUT", "milliseconds, an integer from 1 to 600000", 1, 600_000
+    )
+    upstream_retries = _int("HTTP_CLIENT_RETRIES", "an integer from 0 to 10", 0, 10)
+    upstream_api_key = _str("HTTP_CLIENT_API_KEY", "any string", secret=True)
+    proxy_body_limit_bytes = _int(
+        "PROXY_BODY_LIMIT", "bytes, an integer from 0 to 104857600", 0, 100 * 1024 * 1024
+    )
+    cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
+    cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
+    cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
+    cache_ignore_upstream_control = _bool("CACHE_IGNORE_UPSTREAM_CONTROL")
+    cache_bypass_paths = _str(
+        "CACHE_BYPASS_PATHS",
+        "comma-separated path prefixes such as /auth,/users/me",
+        _path_prefixes,
+    )
+    cache_debug = _bool("CACHE_DEBUG")
+    api_keys_redis_url = _str(
+        "API_KEYS_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url
+    )
+    api_keys_redis_prefix = _str(
+        "API_KEYS_REDIS_PREFIX",
+        "letters, digits, '-', '_', ':' or '.'",
+        validate.Regexp(r"^[A-Za-z0-9_.:-]{1,64}$", error="not a valid Redis key prefix"),
+    )
+    rate_limit_window_s = _int(
+        "API_KEYS_RATE_LIMIT_WINDOW_SECONDS", "seconds, an integer from 1 to 86400", 1, 86_400
+    )
+    rate_limit_max_requests = _int(
+        "API_KEYS_RATE_LIMIT_MAX_REQUESTS", "an integer from 1 to 10000000", 1, 10_000_000
+    )
+    redis_timeout_ms = _int(
+        "REDIS_TIMEOUT_MS", "milliseconds, an integer from 1 to 10000", 1, 10_000
+    )
+    admin_api_token = _str("ADMIN_API_TOKEN", "any string", secret=True)
+    version = _str("GIT_SHA", "a version string", validate.Length(min=1, max=80))
+
+    @post_load
+    def _to_settings(self, data: dict[str, Any], **_: Any) -> Settings:
+        if data.get("log_level"):
+            data["log_level"] = data["log_level"].lower()
+        if "cache_bypass_paths" in data:
+            data["cache_bypass_paths"] = tuple(
+                strip_gateway_prefix(p) for p in _split_csv(data["cache_bypass_paths"])
+            )
+        if "api_keys_redis_url" not in data and "cache_redis_url" in data:
+            data["api_keys_redis_url"] = data["cache_redis_url"]
+        if data.get("upstream_base_url"):
+            data["upstream_base_url"] = data["upstream_base_url"].rstrip("/")
+        else:
+            data.pop("upstream_base_url", None)
+        return Settings(**data)
+
+
+_EMPTY_MEANS_UNSET = frozenset({"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA"})
+_SCHEMA = _SettingsSchema()
+_FIELDS_BY_ENV = {str(field.data_key): field for field in _SCHEMA.fields.values()}
+ENV_NAMES = tuple(_FIELDS_BY_ENV)
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    """Validate the environment; raise SettingsError naming every bad variable."""
+    raw: dict[str, str] = {}
+    for env, field in _FIELDS_BY_ENV.items():
+        value = environ.get(env)
+        if value is None:
+            continue
+        if env == "LOG_LEVEL":
+            value = value.lower()
+        # An empty value means "use the default", except for free-form strings.
+        if value.strip() == "" and not isinstance(field, fields.String):
+            continue
+        if value.strip() == "" and env in _EMPTY_MEANS_UNSET:
+            continue
+        raw[env] = value.strip() if not field.metadata.get("secret") else value
+    raw.setdefault("WEB_CONCURRENCY", str(os.cpu_count() or 1))
+    try:
+        settings: Settings = _SCHEMA.load(raw)
+    except ValidationError as exc:
+        messages = exc.normalized_messages()  # type: ignore[no-untyped-call]
+        raise SettingsError(_describe(messages, raw)) from None
+    return settings
+
+
+def _describe(messages: dict[str, Any], raw: Mapping[str, str]) -> list[str]:
+    problems = []
+    for env in sorted(messages):
+        field = _FIELDS_BY_ENV[env]
+        reasons = messages[env]
+        reason = "; ".join(str(r) for r in reasons) if isinstance(reasons, list) else str(reasons)
+        shown = "(hidden)" if field.metadata.get("secret") else repr(raw.get(env, ""))
+        problems.append(f"{env}={shown}: {reason} (expected {field.metadata['expected']})")
+    return problems
+
+
+def from_environment(dotenv_path: str = ".env") -> Settings:
+    """Settings from the process environment; a ``.env`` file (in the working directory) fills
+    in what the environment does not set."""
+    environ: dict[str, str] = {}
+    if os.path.isfile(dotenv_path):
+        environ.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    environ.update(os.environ)
+    return load_settings(environ)

@@ -1,0 +1,1 @@
+"""Real processes and servers for the tests: redis-server, a stub upstream, the gateway."""

@@ -1,0 +1,145 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy_app.settings import Settings, SettingsError, from_environment, load_settings
+
+
+def test_defaults_match_the_documented_table() -> None:
+    settings = load_settings({"WEB_CONCURRENCY": "2"})
+    assert settings.port == 3000
+    assert settings.log_level == "info"
+    assert settings.upstream_base_url is None
+    assert settings.upstream_timeout_ms == 10_000
+    assert settings.upstream_retries == 2
+    assert settings.upstream_api_key == ""
+    assert settings.proxy_body_limit_bytes == 1_048_576
+    assert settings.cache_redis_url == "redis://127.0.0.1:6379/0"
+    assert settings.cache_ttl_default_s == 300
+    assert settings.cache_stale_ttl_s == 60
+    assert settings.cache_ignore_upstream_control is False
+    assert settings.cache_bypass_paths == ()
+    assert settings.cache_debug is False
+    assert settings.api_keys_redis_url == settings.cache_redis_url
+    assert settings.api_keys_redis_prefix == "api-keys"
+    assert settings.rate_limit_window_s == 60
+    assert settings.rate_limit_max_requests == 120
+    assert settings.admin_api_token == ""
+    assert settings.version == "dev"
+
+
+def test_web_concurrency_defaults_to_the_number_of_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 3)
+    assert load_settings({}).web_concurrency == 3
+
+
+def test_values_are_parsed_and_normalised() -> None:
+    settings = load_settings(
+        {
+            "PORT": "8081",
+            "LOG_LEVEL": "WARNING",
+            "HTTP_CLIENT_BASE_URL": "https://api.example.com/v4/",
+            "HTTP_CLIENT_TIMEOUT": "2500",
+            "CACHE_IGNORE_UPSTREAM_CONTROL": "true",
+            "CACHE_BYPASS_PATHS": "/auth, /api/v1/users/me,,",
+            "CACHE_REDIS_URL": "redis://cache:6379/1",
+            "GIT_SHA": "abc123",
+        }
+    )
+    assert settings.port == 8081
+    assert settings.log_level == "warning"
+    assert settings.upstream_base_url == "https://api.example.com/v4"
+    assert settings.upstream_timeout_ms == 2500
+    assert settings.cache_ignore_upstream_control is True
+    assert settings.cache_bypass_paths == ("/auth", "/users/me")
+    assert settings.api_keys_redis_url == "redis://cache:6379/1"
+    assert settings.version == "abc123"
+
+
+def test_empty_values_mean_the_default() -> None:
+    settings = load_settings({"PORT": "", "HTTP_CLIENT_BASE_URL": "", "API_KEYS_REDIS_URL": ""})
+    assert settings.port == 3000
+    assert settings.upstream_base_url is None
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "expected_words"),
+    [
+        ("PORT", "abc", "not an integer"),
+        ("PORT", "70000", "65535"),
+        ("PORT", "0", "65535"),
+        ("LOG_LEVEL", "verbose", "one of debug, info, warning, error"),
+        ("WEB_CONCURRENCY", "0", "from 1 to 64"),
+        ("HTTP_CLIENT_BASE_URL", "ftp://example.com", "not an absolute http(s) URL"),
+        ("HTTP_CLIENT_BASE_URL", "example.com/api", "not an absolute http(s) URL"),
+        ("HTTP_CLIENT_BASE_URL", "https://example.com/api?x=1", "query string"),
+        ("HTTP_CLIENT_BASE_URL", "https://user:pw@example.com", "credentials"),
+        ("HTTP_CLIENT_TIMEOUT", "-5", "milliseconds"),
+        ("HTTP_CLIENT_TIMEOUT", "1.5s", "not an integer"),
+        ("HTTP_CLIENT_RETRIES", "11", "from 0 to 10"),
+        ("PROXY_BODY_LIMIT", "lots", "bytes"),
+        ("CACHE_REDIS_URL", "http://localhost:6379", "redis://"),
+        ("CACHE_REDIS_URL", "redis://host:notaport/0", "invalid port"),
+        ("CACHE_TTL_DEFAULT", "-1", "seconds"),
+        ("CACHE_STALE_TTL", "x", "not an integer"),
+        ("CACHE_IGNORE_UPSTREAM_CONTROL", "maybe", "not a boolean"),
+        ("CACHE_BYPASS_PATHS", "/ok,users", "does not start with '/'"),
+        ("CACHE_DEBUG", "2", "not a boolean"),
+        ("API_KEYS_REDIS_URL", "localhost", "redis://"),
+        ("API_KEYS_REDIS_PREFIX", "has space", "valid Redis key prefix"),
+        ("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", "0", "seconds"),
+        ("API_KEYS_RATE_LIMIT_MAX_REQUESTS", "0", "from 1"),
+        ("HOST", "everywhere", "not an IP address"),
+    ],
+)
+def test_each_invalid_value_is_named_with_its_problem_and_expected_form(
+    env: str, value: str, expected_words: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({env: value})
+    assert len(caught.value.problems) == 1
+    line = caught.value.problems[0]
+    assert line.startswith(f"{env}=")
+    assert expected_words in line
+    assert "expected" in line
+
+
+def test_all_problems_are_reported_together() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PORT": "x", "LOG_LEVEL": "loud", "HTTP_CLIENT_RETRIES": "-1"})
+    names = [line.split("=", 1)[0] for line in caught.value.problems]
+    assert names == ["HTTP_CLIENT_RETRIES", "LOG_LEVEL", "PORT"]
+
+
+def test_redis_url_password_is_never_echoed_in_errors_or_masked_settings() -> None:
+    settings = load_settings({"CACHE_REDIS_URL": "redis://:s3cret-pass@cache:6379/0"})
+    assert "s3cret-pass" not in str(settings.masked())
+    assert settings.masked()["cache_redis_url"] == "redis://:***@cache:6379/0"
+
+
+def test_secrets_are_masked_and_not_in_repr() -> None:
+    settings = Settings(admin_api_token="admin-secret-value", upstream_api_key="")
+    masked = settings.masked()
+    assert masked["admin_api_token"] == "(set)"
+    assert masked["upstream_api_key"] == "(empty)"
+    assert "admin-secret-value" not in repr(settings)
+
+
+def test_settings_are_immutable() -> None:
+    settings = load_settings({})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_dotenv_fills_in_and_the_real_environment_wins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("PORT=4100\nCACHE_TTL_DEFAULT=42\n")
+    monkeypatch.setenv("PORT", "4200")
+    monkeypatch.delenv("CACHE_TTL_DEFAULT", raising=False)
+    settings = from_environment(str(dotenv))
+    assert settings.port == 4200
+    assert settings.cache_ttl_default_s == 42
