@@ -201,6 +201,9 @@ build_image() {
     return 1
   }
   tail -n 3 "$WORK_DIR/build.log"
+  # Drop earlier builds of this image that the new tag replaced (only ours: by label).
+  podman image prune --force --filter label=org.opencontainers.image.title=proxy_app \
+    >/dev/null 2>&1 || true
 }
 
 inspect_image() {
