@@ -1,0 +1,394 @@
+#!/usr/bin/env python3
+"""Deploy proxy_app to Planetary Quantum, verify it, and roll back when verification fails.
+
+Steps: record the image that is live now (PREVIOUS_IMAGE, else the version the
+public /health reports), render the stack for APP_IMAGE, run
+`quantum-cli stacks update --create --wait --stack $QUANTUM_STACK` (falling back
+to `quantum-cli stack update` on CLIs that do not know `stacks`), poll
+/health/ready and /health until the expected version serves, then smoke-test an
+authenticated GET through /api/v1 and an unauthenticated one that must get 401.
+Any failure re-deploys the previous image and exits 1. Secret values are never
+printed: command output is redacted before it is shown.
+
+Environment (required): QUANTUM_ENDPOINT, QUANTUM_STACK, APP_IMAGE, PUBLIC_URL,
+EXPECTED_VERSION, SMOKE_API_KEY, plus everything scripts/render_stack.py needs.
+Optional: PREVIOUS_IMAGE, RENDER_DIR (already rendered for APP_IMAGE), SMOKE_PATH
+(default /api/v1/), QUANTUM_CLI (default quantum-cli), DEPLOY_VERIFY_TIMEOUT_S
+(600), ROLLBACK_VERIFY_TIMEOUT_S (300), DEPLOY_POLL_INTERVAL_S (10),
+DEPLOY_HTTP_TIMEOUT_S (10), DEPLOY_CLI_TIMEOUT_S (1200), KEEP_RENDERED (0).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SCRIPTS_DIR = Path(__file__).resolve().parent
+RENDER_SCRIPT = SCRIPTS_DIR / "render_stack.py"
+SHA40 = re.compile(r"^[0-9a-f]{40}$")
+IMAGE_REPOSITORY = re.compile(
+    r"^(?P<repository>[^@]+?)(?::[A-Za-z0-9_][A-Za-z0-9_.-]*)?(?:@sha256:[0-9a-f]{64})?$"
+)
+SECRET_NAMES = (
+    "ADMIN_API_TOKEN",
+    "HTTP_CLIENT_API_KEY",
+    "SMOKE_API_KEY",
+    "QUANTUM_API_KEY",
+    "QUANTUM_PASSWORD",
+)
+# What CLIs print when a subcommand or flag does not exist in their version.
+UNKNOWN_COMMAND = re.compile(
+    r"unknown command|no help topic|invalid choice|unknown subcommand|is not a [a-z-]+ command",
+    re.IGNORECASE,
+)
+UNKNOWN_WAIT_FLAG = re.compile(
+    r"(flag provided but not defined|unknown flag|unknown option)[^\n]*-wait", re.IGNORECASE
+)
+USER_AGENT = "proxy-app-deploy-verify/1"
+
+
+class DeployConfigError(Exception):
+    """Required settings are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    endpoint: str
+    stack: str
+    image: str
+    public_url: str
+    expected_version: str
+    smoke_api_key: str = field(repr=False)
+    smoke_path: str
+    previous_image: str | None
+    render_dir: Path | None
+    cli: list[str]
+    verify_timeout_s: float
+    rollback_verify_timeout_s: float
+    poll_interval_s: float
+    http_timeout_s: float
+    cli_timeout_s: float
+    keep_rendered: bool
+
+
+def _number(environ: Mapping[str, str], name: str, default: float) -> float:
+    raw = environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as exc:
+        raise DeployConfigError(f"{name}: {raw!r} is not a number of seconds") from exc
+    if value <= 0:
+        raise DeployConfigError(f"{name}: must be greater than 0")
+    return value
+
+
+def load_settings(environ: Mapping[str, str]) -> Settings:
+    required = (
+        "QUANTUM_ENDPOINT",
+        "QUANTUM_STACK",
+        "APP_IMAGE",
+        "PUBLIC_URL",
+        "EXPECTED_VERSION",
+        "SMOKE_API_KEY",
+    )
+    missing = [name for name in required if not environ.get(name)]
+    if missing:
+        raise DeployConfigError("required but not set: " + ", ".join(missing))
+    public_url = environ["PUBLIC_URL"].rstrip("/")
+    if not re.match(r"^https?://[^/\s]+", public_url):
+        raise DeployConfigError(
+            "PUBLIC_URL: must be an http(s) URL such as https://api.example.com"
+        )
+    smoke_path = environ.get("SMOKE_PATH") or "/api/v1/"
+    if not smoke_path.startswith("/api/v1/"):
+        raise DeployConfigError("SMOKE_PATH: must start with /api/v1/")
+    render_dir = environ.get("RENDER_DIR")
+    return Settings(
+        endpoint=environ["QUANTUM_ENDPOINT"],
+        stack=environ["QUANTUM_STACK"],
+        image=environ["APP_IMAGE"],
+        public_url=public_url,
+        expected_version=environ["EXPECTED_VERSION"],
+        smoke_api_key=environ["SMOKE_API_KEY"],
+        smoke_path=smoke_path,
+        previous_image=environ.get("PREVIOUS_IMAGE") or None,
+        render_dir=Path(render_dir) if render_dir else None,
+        cli=shlex.split(environ.get("QUANTUM_CLI") or "quantum-cli"),
+        verify_timeout_s=_number(environ, "DEPLOY_VERIFY_TIMEOUT_S", 600),
+        rollback_verify_timeout_s=_number(environ, "ROLLBACK_VERIFY_TIMEOUT_S", 300),
+        poll_interval_s=_number(environ, "DEPLOY_POLL_INTERVAL_S", 10),
+        http_timeout_s=_number(environ, "DEPLOY_HTTP_TIMEOUT_S", 10),
+        cli_timeout_s=_number(environ, "DEPLOY_CLI_TIMEOUT_S", 1200),
+        keep_rendered=environ.get("KEEP_RENDERED", "0") == "1",
+    )
+
+
+class Redactor:
+    """Replaces every known secret value with a marker before anything is printed."""
+
+    def __init__(self, environ: Mapping[str, str]) -> None:
+        values = {environ.get(name, "") for name in SECRET_NAMES}
+        self._secrets = sorted((v for v in values if len(v) >= 4), key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def log(message: str) -> None:
+    print(f"deploy: {message}", flush=True)
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    status: int | None
+    body: bytes
+    error: str | None = None
+
+
+def http_get(url: str, timeout_s: float, headers: Mapping[str, str] | None = None) -> HttpResult:
+    if not url.startswith(("https://", "http://")):
+        return HttpResult(None, b"", f"refusing non-http URL {url!r}")
+    all_headers = {"user-agent": USER_AGENT, **(headers or {})}
+    request = urllib.request.Request(url, headers=all_headers)  # noqa: S310 (scheme checked)
+    try:
+        # Scheme checked above: only http(s) reaches urlopen.
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310  # nosec B310
+            return HttpResult(response.status, response.read(65536))
+    except urllib.error.HTTPError as exc:
+        return HttpResult(exc.code, exc.read(65536))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        return HttpResult(None, b"", f"{type(exc).__name__}: {reason}")
+
+
+def reported_version(result: HttpResult) -> str | None:
+    if result.status != 200:
+        return None
+    try:
+        document = json.loads(result.body)
+    except ValueError:
+        return None
+    version = document.get("version") if isinstance(document, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def image_repository(image: str) -> str:
+    match = IMAGE_REPOSITORY.match(image)
+    if match is None:
+        raise DeployConfigError(f"APP_IMAGE: cannot tell the repository of {image!r}")
+    return match.group("repository")
+
+
+def record_previous_image(settings: Settings) -> str | None:
+    """The image to roll back to: PREVIOUS_IMAGE, else the SHA the public /health reports."""
+    if settings.previous_image:
+        log(f"previous image (given): {settings.previous_image}")
+        return settings.previous_image
+    result = http_get(f"{settings.public_url}/health", settings.http_timeout_s)
+    version = reported_version(result)
+    if version is None or SHA40.match(version) is None:
+        detail = result.error or f"status {result.status}, version {version!r}"
+        log(f"no previous image recorded: the live /health does not report a git SHA ({detail})")
+        return None
+    previous = f"{image_repository(settings.image)}:{version}"
+    log(f"previous image (from the live /health): {previous}")
+    return previous
+
+
+class Deployer:
+    def __init__(self, settings: Settings, environ: Mapping[str, str]) -> None:
+        self.settings = settings
+        self.environ = dict(environ)
+        self.redact = Redactor(environ)
+        self.created_dirs: list[Path] = []
+
+    # -- rendering -----------------------------------------------------------
+    def render(self, image: str, version: str) -> Path:
+        env = {**self.environ, "APP_IMAGE": image, "APP_VERSION": version}
+        completed = subprocess.run(  # noqa: S603
+            [sys.executable, str(RENDER_SCRIPT), "--quiet"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if completed.stderr:
+            print(self.redact(completed.stderr), end="", file=sys.stderr, flush=True)
+        if completed.returncode != 0:
+            raise DeployConfigError(f"rendering the stack for {image} failed")
+        target = Path(completed.stdout.strip().splitlines()[-1])
+        self.created_dirs.append(target)
+        log(f"rendered stack for {image} in {target}")
+        return target
+
+    # -- quantum-cli -----------------------------------------------------------
+    def _run_cli(self, args: Sequence[str], project_dir: Path) -> tuple[int, str]:
+        command = [*self.settings.cli, *args]
+        log("running: " + " ".join(shlex.quote(part) for part in command))
+        env = {**self.environ, "QUANTUM_ENDPOINT": self.settings.endpoint}
+        try:
+            completed = subprocess.run(  # noqa: S603
+                command,
+                cwd=project_dir,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                timeout=self.settings.cli_timeout_s,
+                check=False,
+            )
+        except FileNotFoundError:
+            return 127, f"{command[0]}: command not found"
+        except subprocess.TimeoutExpired:
+            return 124, f"{command[0]}: no result within {self.settings.cli_timeout_s:.0f}s"
+        output = self.redact(completed.stdout or "")
+        if output:
+            print(output, end="" if output.endswith("\n") else "\n", flush=True)
+        return completed.returncode, output
+
+    def update_stack(self, project_dir: Path) -> bool:
+        """`stacks update --create --wait`, falling back to `stack update` on older CLIs."""
+        stack = self.settings.stack
+        for group in ("stacks", "stack"):
+            args = [group, "update", "--create", "--wait", "--stack", stack]
+            code, output = self._run_cli(args, project_dir)
+            if code == 0:
+                return True
+            if UNKNOWN_WAIT_FLAG.search(output):
+                log("this quantum-cli does not know --wait; retrying without it")
+                code, output = self._run_cli([a for a in args if a != "--wait"], project_dir)
+                if code == 0:
+                    return True
+            if group == "stacks" and UNKNOWN_COMMAND.search(output):
+                log("this quantum-cli does not know `stacks`; falling back to `stack update`")
+                continue
+            log(f"quantum-cli {group} update failed with exit code {code}")
+            return False
+        return False
+
+    # -- verification --------------------------------------------------------
+    def wait_for_version(self, version: str, timeout_s: float) -> bool:
+        base = self.settings.public_url
+        deadline = time.monotonic() + timeout_s
+        last_state = ""
+        while True:
+            ready = http_get(f"{base}/health/ready", self.settings.http_timeout_s)
+            health = http_get(f"{base}/health", self.settings.http_timeout_s)
+            serving = reported_version(health)
+            state = f"ready={ready.status or ready.error} version={serving}"
+            if state != last_state:
+                log(f"health: {state}")
+                last_state = state
+            if ready.status == 200 and serving == version:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                log(f"health did not report version {version} within {timeout_s:.0f}s")
+                return False
+            time.sleep(min(self.settings.poll_interval_s, remaining))
+
+    def smoke(self) -> bool:
+        url = f"{self.settings.public_url}{self.settings.smoke_path}"
+        keyed = http_get(
+            url, self.settings.http_timeout_s, {"x-api-key": self.settings.smoke_api_key}
+        )
+        keyed_ok = keyed.status is not None and 200 <= keyed.status < 300
+        path = self.settings.smoke_path
+        log(f"smoke: GET {path} with the smoke key -> {keyed.status or keyed.error}")
+        anonymous = http_get(url, self.settings.http_timeout_s)
+        anonymous_ok = anonymous.status == 401
+        log(f"smoke: GET {path} without a key -> {anonymous.status or anonymous.error} (want 401)")
+        return keyed_ok and anonymous_ok
+
+    # -- flow ----------------------------------------------------------------
+    def rollback(self, previous: str | None) -> bool:
+        if previous is None:
+            log("ROLLBACK NOT POSSIBLE: no previous image was recorded")
+            return False
+        if previous == self.settings.image:
+            log("ROLLBACK SKIPPED: the previous image is the one just deployed")
+            return False
+        log(f"ROLLING BACK to {previous}")
+        tag = previous.rsplit(":", 1)[-1] if "@" not in previous else ""
+        previous_version = tag if SHA40.match(tag) else "unknown"
+        project_dir = self.render(previous, previous_version)
+        if not self.update_stack(project_dir):
+            log("rollback deploy failed: intervene by hand (see docs/runbook.md)")
+            return False
+        if previous_version == "unknown":
+            log("rollback deployed; its version cannot be verified from the image reference")
+            return True
+        healthy = self.wait_for_version(previous_version, self.settings.rollback_verify_timeout_s)
+        log("rollback verified" if healthy else "rollback deployed but not verified healthy")
+        return healthy
+
+    def run(self) -> int:
+        settings = self.settings
+        previous = record_previous_image(settings)
+        project_dir = settings.render_dir or self.render(settings.image, settings.expected_version)
+        stage = "deploy"
+        ok = self.update_stack(project_dir)
+        if ok:
+            stage = "health verification"
+            ok = self.wait_for_version(settings.expected_version, settings.verify_timeout_s)
+        if ok:
+            stage = "smoke check"
+            ok = self.smoke()
+        if ok:
+            report(f"deployed {settings.image} to stack {settings.stack}: verified", True)
+            return 0
+        log(f"FAILED at {stage}")
+        rolled_back = self.rollback(previous)
+        outcome = "rolled back to " + str(previous) if rolled_back else "NOT rolled back"
+        report(f"deploy of {settings.image} failed at {stage}; {outcome}", False)
+        return 1
+
+    def cleanup(self) -> None:
+        if self.settings.keep_rendered:
+            return
+        for directory in self.created_dirs:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def report(message: str, success: bool) -> None:
+    print(("SUCCESS: " if success else "FAILURE: ") + message, flush=True)
+    summary_file = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary_file:
+        with open(summary_file, "a", encoding="utf-8") as handle:
+            handle.write(f"### Deploy {'succeeded' if success else 'failed'}\n\n{message}\n")
+
+
+def main() -> int:
+    try:
+        settings = load_settings(os.environ)
+    except DeployConfigError as error:
+        print(f"deploy: configuration error: {error}", file=sys.stderr)
+        return 2
+    deployer = Deployer(settings, os.environ)
+    try:
+        return deployer.run()
+    except DeployConfigError as error:
+        print(f"deploy: configuration error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        deployer.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Render the deployable Quantum stack from deploy/ templates and the environment.
+
+Reads every setting from the environment, refuses unset required names (all
+problems reported together, exit 2), pins the app image to the immutable
+reference it is given, and writes `stack.yml` plus the `.quantum` project file to
+a private temporary directory whose path is the only thing printed on stdout.
+Secret values are written only into that directory (mode 0600) and never printed.
+
+    APP_IMAGE=ghcr.io/acme/proxy_app:<40-hex git sha> APP_HOST=api.example.com \\
+    QUANTUM_STACK=proxy-app HTTP_CLIENT_BASE_URL=https://upstream.example.com \\
+    ADMIN_API_TOKEN=... python scripts/render_stack.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_TEMPLATE = REPO_ROOT / "deploy" / "stack.template.yml"
+DEFAULT_PROJECT_FILE = REPO_ROOT / "deploy" / ".quantum"
+STACK_FILE_NAME = "stack.yml"
+PROJECT_FILE_NAME = ".quantum"
+
+PLACEHOLDER = re.compile(r"\$\{([A-Z][A-Z0-9_]*)\}")
+SHA40 = re.compile(r"^[0-9a-f]{40}$")
+# registry/path[:tag][@sha256:digest]; lower-case path as OCI requires.
+IMAGE_REF = re.compile(
+    r"^(?P<repository>[a-z0-9.-]+(?::[0-9]+)?(?:/[a-z0-9._-]+)+)"
+    r"(?::(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}))?"
+    r"(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)+$"
+)
+STACK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+CPUS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+MEMORY = re.compile(r"^[0-9]+[KMG]$")
+REDIS_MEMORY = re.compile(r"^[0-9]+(kb|mb|gb)$")
+DEFAULT_REDIS_IMAGE = (
+    "redis:7.4.5-alpine@sha256:bb186d083732f669da90be8b0f975a37812b15e913465bb14d845db72a4e3e08"
+)
+
+
+class RenderError(Exception):
+    """One or more settings are missing or invalid; each line names one variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+Validator = Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable the template may use."""
+
+    name: str
+    required: bool = False
+    default: str | None = None
+    secret: bool = False
+    integer: bool = False
+    validate: Validator | None = None
+    help: str = ""
+
+
+def _image(value: str) -> str | None:
+    match = IMAGE_REF.match(value)
+    if match is None:
+        return "is not an image reference of the form registry/owner/repo:<tag> or @sha256:<digest>"
+    tag, digest = match.group("tag"), match.group("digest")
+    if digest is None and (tag is None or SHA40.match(tag) is None):
+        return (
+            f"uses the mutable tag {tag or 'latest'!r}: pin the image by @sha256:<digest> "
+            "or by the full 40-character git SHA tag"
+        )
+    return None
+
+
+def _host(value: str) -> str | None:
+    return None if HOSTNAME.match(value) else "is not a lower-case DNS host name"
+
+
+def _url(value: str) -> str | None:
+    ok = re.match(r"^https?://[^\s/$.?#][^\s]*$", value) is not None
+    return None if ok else "is not an http(s) URL"
+
+
+def _stack(value: str) -> str | None:
+    return None if STACK_NAME.match(value) else "must match [a-z0-9][a-z0-9_-]{0,62}"
+
+
+def _pattern(regex: re.Pattern[str], expected: str) -> Validator:
+    def check(value: str) -> str | None:
+        return None if regex.match(value) else f"must be {expected}"
+
+    return check
+
+
+def _int_range(low: int, high: int | None = None) -> Validator:
+    def check(value: str) -> str | None:
+        if not re.fullmatch(r"[0-9]+", value):
+            return "must be a whole number"
+        number = int(value)
+        if number < low or (high is not None and number > high):
+            upper = f" and at most {high}" if high is not None else ""
+            return f"must be at least {low}{upper}"
+        return None
+
+    return check
+
+
+def _choice(*choices: str) -> Validator:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def _eviction(value: str) -> str | None:
+    allowed = ("volatile-lru", "volatile-lfu", "volatile-ttl", "volatile-random")
+    if value in allowed:
+        return None
+    return (
+        f"must be one of {', '.join(allowed)}: only keys with a TTL may be evicted, "
+        "never the API-key records"
+    )
+
+
+def _no_backtick(value: str) -> str | None:
+    return "must not contain backticks or newlines" if re.search(r"[`\n\r]", value) else None
+
+
+_BOOL = _choice("true", "false")
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("APP_IMAGE", required=True, validate=_image, help="immutable app image"),
+    Variable("APP_HOST", required=True, validate=_host, help="public host name (Traefik rule)"),
+    Variable("QUANTUM_STACK", required=True, validate=_stack, help="stack and router name"),
+    Variable("HTTP_CLIENT_BASE_URL", required=True, validate=_url, help="upstream origin"),
+    Variable("ADMIN_API_TOKEN", required=True, secret=True, help="admin bearer token"),
+    Variable("HTTP_CLIENT_API_KEY", secret=True, help="upstream api_key header"),
+    Variable("APP_VERSION", help="git SHA shown as image revision label"),
+    Variable("DEPLOY_ENVIRONMENT", default="production", validate=_choice("production", "staging")),
+    Variable("APP_REPLICAS", default="2", integer=True, validate=_int_range(2, 20)),
+    Variable("APP_CPU_LIMIT", default="1.0", validate=_pattern(CPUS, "a CPU count like 1.0")),
+    Variable("APP_CPU_RESERVATION", default="0.25", validate=_pattern(CPUS, "a CPU count")),
+    Variable("APP_MEMORY_LIMIT", default="512M", validate=_pattern(MEMORY, "like 512M")),
+    Variable("APP_MEMORY_RESERVATION", default="256M", validate=_pattern(MEMORY, "like 256M")),
+    Variable("REDIS_IMAGE", default=DEFAULT_REDIS_IMAGE, validate=_no_backtick),
+    Variable("REDIS_CPU_LIMIT", default="0.5", validate=_pattern(CPUS, "a CPU count")),
+    Variable("REDIS_CPU_RESERVATION", default="0.1", validate=_pattern(CPUS, "a CPU count")),
+    Variable("REDIS_MEMORY_LIMIT", default="384M", validate=_pattern(MEMORY, "like 384M")),
+    Variable("REDIS_MEMORY_RESERVATION", default="128M", validate=_pattern(MEMORY, "like 128M")),
+    Variable("REDIS_MAXMEMORY", default="256mb", validate=_pattern(REDIS_MEMORY, "like 256mb")),
+    Variable("REDIS_EVICTION_POLICY", default="volatile-lru", validate=_eviction),
+    Variable("REDIS_PLACEMENT_CONSTRAINT", default="node.platform.os == linux"),
+    Variable("TRAEFIK_NETWORK", default="public", validate=_stack),
+    Variable("TRAEFIK_CERT_RESOLVER", default="le", validate=_stack),
+    Variable("TRAEFIK_HTTP_ENTRYPOINT", default="http", validate=_stack),
+    Variable("TRAEFIK_HTTPS_ENTRYPOINT", default="https", validate=_stack),
+    Variable("LOG_LEVEL", default="info", validate=_choice("debug", "info", "warning", "error")),
+    Variable("WEB_CONCURRENCY", default="2", validate=_int_range(1, 64)),
+    Variable("HTTP_CLIENT_TIMEOUT", default="10000", validate=_int_range(1)),
+    Variable("HTTP_CLIENT_RETRIES", default="2", validate=_int_range(0, 10)),
+    Variable("PROXY_BODY_LIMIT", default="1048576", validate=_int_range(1)),
+    Variable("CACHE_TTL_DEFAULT", default="300", validate=_int_range(0)),
+    Variable("CACHE_STALE_TTL", default="60", validate=_int_range(0)),
+    Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false", validate=_BOOL),
+    Variable("CACHE_BYPASS_PATHS", default="", validate=_no_backtick),
+    Variable("CACHE_DEBUG", default="false", validate=_BOOL),
+    Variable("API_KEYS_REDIS_PREFIX", default="api-keys", validate=_no_backtick),
+    Variable("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", default="60", validate=_int_range(1)),
+    Variable("API_KEYS_RATE_LIMIT_MAX_REQUESTS", default="120", validate=_int_range(1)),
+)
+VARIABLES_BY_NAME = {variable.name: variable for variable in VARIABLES}
+
+# A placeholder for an optional variable that is unset removes its mapping entry.
+_DROP = object()
+
+
+def resolve(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Return every variable's value (None: optional and unset) or raise RenderError."""
+    values: dict[str, str | None] = {}
+    problems: list[str] = []
+    for variable in VARIABLES:
+        raw = environ.get(variable.name, "")
+        value: str | None = raw if raw != "" else variable.default
+        if value is None or (variable.required and value == ""):
+            if variable.required:
+                what = f" ({variable.help})" if variable.help else ""
+                problems.append(f"{variable.name}: required but not set{what}")
+            values[variable.name] = None
+            continue
+        if variable.validate is not None:
+            problem = variable.validate(value)
+            if problem is not None:
+                shown = "<hidden>" if variable.secret else repr(value)
+                problems.append(f"{variable.name}: {shown} {problem}")
+        values[variable.name] = value
+    image = values.get("APP_IMAGE")
+    if values.get("APP_VERSION") is None and image is not None:
+        match = IMAGE_REF.match(image)
+        tag = match.group("tag") if match else None
+        values["APP_VERSION"] = tag if tag and SHA40.match(tag) else "unknown"
+    if problems:
+        raise RenderError(problems)
+    return values
+
+
+def _escape(value: str) -> str:
+    """Keep values literal: the stack file is interpolated again at deploy time."""
+    return value.replace("$", "$$")
+
+
+def _substitute(text: str, values: Mapping[str, str | None]) -> object:
+    whole = PLACEHOLDER.fullmatch(text)
+    if whole is not None:
+        name = whole.group(1)
+        if name not in VARIABLES_BY_NAME:
+            raise RenderError([f"{name}: used by the template but not declared"])
+        value = values[name]
+        if value is None:
+            return _DROP
+        if VARIABLES_BY_NAME[name].integer:
+            return int(value)
+        return _escape(value)
+
+    def replace(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in VARIABLES_BY_NAME:
+            raise RenderError([f"{name}: used by the template but not declared"])
+        value = values[name]
+        if value is None:
+            raise RenderError([f"{name}: required by the template but not set"])
+        return _escape(value)
+
+    return PLACEHOLDER.sub(replace, text)
+
+
+def _render_node(node: object, values: Mapping[str, str | None]) -> object:
+    if isinstance(node, dict):
+        rendered: dict[object, object] = {}
+        for key, child in node.items():
+            new_key = _substitute(key, values) if isinstance(key, str) else key
+            new_child = _render_node(child, values)
+            if new_key is _DROP or new_child is _DROP:
+                continue
+            rendered[new_key] = new_child
+        return rendered
+    if isinstance(node, list):
+        return [item for item in (_render_node(c, values) for c in node) if item is not _DROP]
+    if isinstance(node, str):
+        return _substitute(node, values)
+    return node
+
+
+def render(template_text: str, values: Mapping[str, str | None]) -> dict[str, object]:
+    """Render the template YAML into the stack document (no placeholders left)."""
+    document = yaml.safe_load(template_text)
+    if not isinstance(document, dict):
+        raise RenderError(["template: not a YAML mapping"])
+    rendered = _render_node(document, values)
+    assert isinstance(rendered, dict)
+    leftover = PLACEHOLDER.findall(yaml.safe_dump(rendered).replace("$${", ""))
+    if leftover:
+        raise RenderError([f"{name}: placeholder left unrendered" for name in sorted(leftover)])
+    return rendered
+
+
+def write_project(
+    rendered: Mapping[str, object], project_file: Path, output_dir: Path | None
+) -> Path:
+    """Write stack.yml and .quantum into a private directory and return it."""
+    if output_dir is None:
+        target = Path(tempfile.mkdtemp(prefix="proxy-app-stack-"))
+    else:
+        target = output_dir
+        target.mkdir(parents=True, exist_ok=True)
+    target.chmod(0o700)
+    stack_path = target / STACK_FILE_NAME
+    descriptor = os.open(stack_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        handle.write(
+            "# Rendered by scripts/render_stack.py. Holds secrets: do not commit or share.\n"
+        )
+        yaml.safe_dump(
+            dict(rendered), handle, sort_keys=False, default_flow_style=False, width=4096
+        )
+    stack_path.chmod(0o600)
+    shutil.copyfile(project_file, target / PROJECT_FILE_NAME)
+    return target
+
+
+def summary(values: Mapping[str, str | None]) -> str:
+    """Human summary for stderr; secrets appear only as set / not set."""
+    lines = []
+    for variable in VARIABLES:
+        value = values.get(variable.name)
+        if variable.secret:
+            shown = "set (hidden)" if value else "not set"
+        else:
+            shown = "" if value is None else value
+        lines.append(f"  {variable.name}={shown}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--template", type=Path, default=DEFAULT_TEMPLATE)
+    parser.add_argument("--project-file", type=Path, default=DEFAULT_PROJECT_FILE)
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="default: a new private temporary directory"
+    )
+    parser.add_argument("--quiet", action="store_true", help="do not print the settings summary")
+    args = parser.parse_args(argv)
+    try:
+        values = resolve(os.environ)
+        rendered = render(args.template.read_text(encoding="utf-8"), values)
+    except RenderError as error:
+        print("render_stack: cannot render the stack:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return 2
+    target = write_project(rendered, args.project_file, args.output_dir)
+    if not args.quiet:
+        print(f"render_stack: rendered {target / STACK_FILE_NAME} with:", file=sys.stderr)
+        print(summary(values), file=sys.stderr)
+    print(target)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""scripts/deploy_quantum.py against a fake quantum-cli and a local stand-in public URL.
+
+The fake CLI records each call and "deploys" by writing the image tag from the
+rendered stack.yml into a state file; the stand-in server reports that tag as
+its /health version, as the real service reports its GIT_SHA.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = REPO_ROOT / "scripts" / "deploy_quantum.py"
+OLD_SHA = "1" * 40
+NEW_SHA = "2" * 40
+REPOSITORY = "ghcr.io/acme/proxy_app"
+SMOKE_KEY = "smoke-key-Qa91-never-printed"
+ADMIN_TOKEN = "admin-token-Zq81-never-printed"
+UPSTREAM_KEY = "upstream-key-Yw72-never-printed"
+
+FAKE_CLI = """#!{python}
+import json, os, pathlib, re, sys
+args = sys.argv[1:]
+entry = {{"argv": args, "endpoint": os.environ.get("QUANTUM_ENDPOINT"), "image": None}}
+def finish(code, message):
+    with open(os.environ["FAKE_QUANTUM_LOG"], "a") as handle:
+        handle.write(json.dumps(entry) + "\\n")
+    print(message, file=sys.stderr if code else sys.stdout)
+    sys.exit(code)
+if args[:1] == ["stacks"] and os.environ.get("FAKE_QUANTUM_NO_STACKS") == "1":
+    finish(1, 'Error: unknown command "stacks" for "quantum-cli"')
+if "--wait" in args and os.environ.get("FAKE_QUANTUM_NO_WAIT") == "1":
+    finish(2, "flag provided but not defined: -wait")
+if not pathlib.Path(".quantum").is_file():
+    finish(3, "no .quantum project file in " + os.getcwd())
+stack = pathlib.Path("stack.yml").read_text()
+entry["image"] = re.search(r"^    image: (\\S+)$", stack, re.M).group(1)
+if os.environ.get("FAKE_QUANTUM_FAIL") == "1":
+    finish(1, "Error: the endpoint rejected the stack")
+pathlib.Path(os.environ["FAKE_QUANTUM_STATE"]).write_text(entry["image"].rsplit(":", 1)[-1])
+finish(0, "stack " + args[-1] + " updated")
+"""
+
+
+@dataclass
+class Behaviour:
+    """How the stand-in public URL answers."""
+
+    state_file: Path
+    stuck_version: str | None = None
+    keyed_status: int = 200
+    anonymous_status: int = 401
+    requests: list[str] = field(default_factory=list)
+
+    def version(self) -> str:
+        if self.stuck_version is not None:
+            return self.stuck_version
+        return self.state_file.read_text().strip()
+
+
+def make_handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+        def _send(self, status: int, body: dict[str, Any]) -> None:
+            payload = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def do_GET(self) -> None:
+            behaviour.requests.append(self.path)
+            if self.path == "/health/ready":
+                self._send(200, {"status": "ok"})
+            elif self.path == "/health":
+                self._send(200, {"status": "ok", "version": behaviour.version(), "redis": {}})
+            elif self.path.startswith("/api/v1/"):
+                if self.headers.get("x-api-key") == SMOKE_KEY:
+                    self._send(behaviour.keyed_status, {"ok": True})
+                else:
+                    self._send(behaviour.anonymous_status, {"error": "unauthorized"})
+            else:
+                self._send(404, {"error": "not_found"})
+
+    return Handler
+
+
+@dataclass
+class Harness:
+    tmp_path: Path
+    behaviour: Behaviour
+    public_url: str
+    log_file: Path
+    bin_dir: Path
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        env = {
+            "PATH": f"{self.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+            "TMPDIR": str(self.tmp_path),
+            "QUANTUM_ENDPOINT": "cluster-one",
+            "QUANTUM_STACK": "proxy-app",
+            "APP_IMAGE": f"{REPOSITORY}:{NEW_SHA}",
+            "EXPECTED_VERSION": NEW_SHA,
+            "PUBLIC_URL": self.public_url,
+            "APP_HOST": "api.example.com",
+            "HTTP_CLIENT_BASE_URL": "https://upstream.example.com",
+            "ADMIN_API_TOKEN": ADMIN_TOKEN,
+            "HTTP_CLIENT_API_KEY": UPSTREAM_KEY,
+            "SMOKE_API_KEY": SMOKE_KEY,
+            "SMOKE_PATH": "/api/v1/pets/1",
+            "FAKE_QUANTUM_LOG": str(self.log_file),
+            "FAKE_QUANTUM_STATE": str(self.behaviour.state_file),
+            "DEPLOY_VERIFY_TIMEOUT_S": "1.5",
+            "ROLLBACK_VERIFY_TIMEOUT_S": "1.5",
+            "DEPLOY_POLL_INTERVAL_S": "0.1",
+            "DEPLOY_HTTP_TIMEOUT_S": "2",
+            "DEPLOY_CLI_TIMEOUT_S": "30",
+        }
+        env.update(overrides)
+        return env
+
+    def deploy(self, **overrides: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(DEPLOY)],
+            env=self.env(**overrides),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def calls(self) -> list[dict[str, Any]]:
+        if not self.log_file.exists():
+            return []
+        return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    cli = bin_dir / "quantum-cli"
+    cli.write_text(FAKE_CLI.format(python=sys.executable))
+    cli.chmod(0o755)
+    state_file = tmp_path / "deployed-version"
+    state_file.write_text(OLD_SHA)
+    behaviour = Behaviour(state_file=state_file)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(behaviour))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Harness(
+            tmp_path=tmp_path,
+            behaviour=behaviour,
+            public_url=f"http://127.0.0.1:{server.server_address[1]}",
+            log_file=tmp_path / "quantum-cli.log",
+            bin_dir=bin_dir,
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def assert_no_secret_in(result: subprocess.CompletedProcess[str]) -> None:
+    output = result.stdout + result.stderr
+    for secret in (SMOKE_KEY, ADMIN_TOKEN, UPSTREAM_KEY):
+        assert secret not in output
+
+
+def leftover_render_dirs(tmp_path: Path) -> list[Path]:
+    return list(tmp_path.glob("proxy-app-stack-*"))
+
+
+def test_stacks_update_success_exits_zero_without_rollback(harness: Harness) -> None:
+    result = harness.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    calls = harness.calls()
+    assert [call["argv"] for call in calls] == [
+        ["stacks", "update", "--create", "--wait", "--stack", "proxy-app"]
+    ]
+    assert calls[0]["endpoint"] == "cluster-one"
+    assert calls[0]["image"] == f"{REPOSITORY}:{NEW_SHA}"
+    assert "ROLLING BACK" not in result.stdout
+    assert "SUCCESS" in result.stdout
+    assert_no_secret_in(result)
+    assert leftover_render_dirs(harness.tmp_path) == []
+
+
+def test_smoke_check_uses_the_key_and_expects_401_without_it(harness: Harness) -> None:
+    result = harness.deploy()
+    assert result.returncode == 0
+    assert harness.behaviour.requests.count("/api/v1/pets/1") == 2
+
+
+def test_cli_without_stacks_falls_back_to_stack_update(harness: Harness) -> None:
+    result = harness.deploy(FAKE_QUANTUM_NO_STACKS="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [call["argv"][:2] for call in harness.calls()] == [
+        ["stacks", "update"],
+        ["stack", "update"],
+    ]
+    assert harness.calls()[1]["argv"] == [
+        "stack",
+        "update",
+        "--create",
+        "--wait",
+        "--stack",
+        "proxy-app",
+    ]
+    assert "falling back" in result.stdout
+    assert_no_secret_in(result)
+
+
+def test_cli_without_wait_flag_is_retried_without_it(harness: Harness) -> None:
+    result = harness.deploy(FAKE_QUANTUM_NO_WAIT="1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert harness.calls()[-1]["argv"] == ["stacks", "update", "--create", "--stack", "proxy-app"]
+
+
+def test_health_never_reporting_new_version_rolls_back_and_fails(harness: Harness) -> None:
+    harness.behaviour.stuck_version = OLD_SHA
+    result = harness.deploy()
+    assert result.returncode == 1
+    images = [call["image"] for call in harness.calls()]
+    assert images == [f"{REPOSITORY}:{NEW_SHA}", f"{REPOSITORY}:{OLD_SHA}"]
+    assert "FAILED at health verification" in result.stdout
+    assert "ROLLING BACK" in result.stdout
+    assert "FAILURE" in result.stdout
+    assert_no_secret_in(result)
+    assert leftover_render_dirs(harness.tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("keyed_status", "anonymous_status"),
+    [(502, 401), (401, 401), (200, 200)],
+    ids=["keyed-request-fails", "smoke-key-rejected", "anonymous-request-not-rejected"],
+)
+def test_failed_smoke_check_rolls_back_and_fails(
+    harness: Harness, keyed_status: int, anonymous_status: int
+) -> None:
+    harness.behaviour.keyed_status = keyed_status
+    harness.behaviour.anonymous_status = anonymous_status
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "FAILED at smoke check" in result.stdout
+    assert [call["image"] for call in harness.calls()][-1] == f"{REPOSITORY}:{OLD_SHA}"
+    assert harness.behaviour.state_file.read_text() == OLD_SHA
+    assert "rollback verified" in result.stdout
+    assert_no_secret_in(result)
+
+
+def test_explicit_previous_image_is_the_rollback_target(harness: Harness) -> None:
+    harness.behaviour.keyed_status = 500
+    previous = f"{REPOSITORY}:{'3' * 40}"
+    result = harness.deploy(PREVIOUS_IMAGE=previous)
+    assert result.returncode == 1
+    assert harness.calls()[-1]["image"] == previous
+
+
+def test_failed_stack_update_fails_even_when_rollback_fails(harness: Harness) -> None:
+    result = harness.deploy(FAKE_QUANTUM_FAIL="1")
+    assert result.returncode == 1
+    assert "FAILED at deploy" in result.stdout
+    assert "rollback deploy failed" in result.stdout
+    assert len(harness.calls()) == 2
+
+
+def test_no_recorded_previous_version_means_no_rollback_but_still_failure(
+    harness: Harness,
+) -> None:
+    harness.behaviour.state_file.write_text("dev")
+    harness.behaviour.keyed_status = 500
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "ROLLBACK NOT POSSIBLE" in result.stdout
+    assert len(harness.calls()) == 1
+
+
+def test_missing_settings_are_named_and_nothing_is_deployed(harness: Harness) -> None:
+    env = harness.env()
+    del env["SMOKE_API_KEY"]
+    del env["QUANTUM_ENDPOINT"]
+    result = subprocess.run(
+        [sys.executable, str(DEPLOY)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert "QUANTUM_ENDPOINT" in result.stderr
+    assert "SMOKE_API_KEY" in result.stderr
+    assert harness.calls() == []

@@ -1,0 +1,226 @@
+"""scripts/render_stack.py: the deployable stack is pinned, complete and secret-safe."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+RENDER = REPO_ROOT / "scripts" / "render_stack.py"
+SHA = "3f2a9c4e5b6d7a8f9e0d1c2b3a4f5e6d7c8b9a0f"
+DIGEST = "sha256:" + "ab" * 32
+ADMIN_TOKEN = "admin-token-Zq81-never-printed"
+UPSTREAM_KEY = "upstream-key-Yw72-never-printed"
+
+
+def sample_env(**overrides: str) -> dict[str, str]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "APP_IMAGE": f"ghcr.io/acme/proxy_app:{SHA}",
+        "APP_HOST": "api.example.com",
+        "QUANTUM_STACK": "proxy-app",
+        "HTTP_CLIENT_BASE_URL": "https://upstream.example.com/v2",
+        "ADMIN_API_TOKEN": ADMIN_TOKEN,
+        "HTTP_CLIENT_API_KEY": UPSTREAM_KEY,
+    }
+    env.update(overrides)
+    return {name: value for name, value in env.items() if value != "<unset>"}
+
+
+def run_render(env: dict[str, str], output_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(RENDER), "--output-dir", str(output_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def render_ok(tmp_path: Path, **overrides: str) -> tuple[dict[str, Any], Path, str]:
+    out = tmp_path / "rendered"
+    result = run_render(sample_env(**overrides), out)
+    assert result.returncode == 0, result.stderr
+    stack_file = out / "stack.yml"
+    document = yaml.safe_load(stack_file.read_text())
+    return document, stack_file, result.stdout + result.stderr
+
+
+def test_renders_stack_and_project_file_and_prints_only_the_path(tmp_path: Path) -> None:
+    out = tmp_path / "rendered"
+    result = run_render(sample_env(), out)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(out)
+    assert (out / "stack.yml").is_file()
+    project = yaml.safe_load((out / ".quantum").read_text())
+    assert project["compose"] == "stack.yml"
+
+
+def test_default_output_is_a_new_private_temporary_directory(tmp_path: Path) -> None:
+    env = sample_env(TMPDIR=str(tmp_path))
+    result = subprocess.run(
+        [sys.executable, str(RENDER)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    target = Path(result.stdout.strip())
+    try:
+        assert target.parent == tmp_path
+        assert stat.S_IMODE(target.stat().st_mode) == 0o700
+        assert stat.S_IMODE((target / "stack.yml").stat().st_mode) == 0o600
+    finally:
+        shutil.rmtree(target)
+
+
+def test_app_image_is_pinned_to_the_given_reference(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path)
+    assert document["services"]["app"]["image"] == f"ghcr.io/acme/proxy_app:{SHA}"
+    labels = document["services"]["app"]["deploy"]["labels"]
+    assert labels["org.opencontainers.image.revision"] == SHA
+
+
+def test_digest_reference_is_accepted_unchanged(tmp_path: Path) -> None:
+    image = f"ghcr.io/acme/proxy_app@{DIGEST}"
+    document, _, _ = render_ok(tmp_path, APP_IMAGE=image)
+    assert document["services"]["app"]["image"] == image
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        "ghcr.io/acme/proxy_app:latest",
+        "ghcr.io/acme/proxy_app",
+        "ghcr.io/acme/proxy_app:v1.2.3",
+        "ghcr.io/acme/proxy_app:main",
+        "ghcr.io/acme/proxy_app:3f2a9c4",
+    ],
+)
+def test_mutable_image_tags_are_rejected(tmp_path: Path, image: str) -> None:
+    result = run_render(sample_env(APP_IMAGE=image), tmp_path / "out")
+    assert result.returncode != 0
+    assert "APP_IMAGE" in result.stderr
+    assert "mutable" in result.stderr
+    assert not (tmp_path / "out" / "stack.yml").exists()
+
+
+def test_missing_required_variables_are_all_named(tmp_path: Path) -> None:
+    env = sample_env(APP_HOST="<unset>", ADMIN_API_TOKEN="<unset>", QUANTUM_STACK="")
+    result = run_render(env, tmp_path / "out")
+    assert result.returncode == 2
+    for name in ("APP_HOST", "ADMIN_API_TOKEN", "QUANTUM_STACK"):
+        assert f"{name}: required but not set" in result.stderr
+    assert "APP_IMAGE:" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_secrets_reach_the_stack_but_never_the_output(tmp_path: Path) -> None:
+    document, stack_file, output = render_ok(tmp_path)
+    environment = document["services"]["app"]["environment"]
+    assert environment["ADMIN_API_TOKEN"] == ADMIN_TOKEN
+    assert environment["HTTP_CLIENT_API_KEY"] == UPSTREAM_KEY
+    assert ADMIN_TOKEN not in output
+    assert UPSTREAM_KEY not in output
+    assert "ADMIN_API_TOKEN=set (hidden)" in output
+    assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
+
+
+def test_invalid_secret_is_reported_without_its_value(tmp_path: Path) -> None:
+    result = run_render(sample_env(APP_IMAGE="nope", ADMIN_API_TOKEN=ADMIN_TOKEN), tmp_path / "o")
+    assert result.returncode == 2
+    assert ADMIN_TOKEN not in result.stdout + result.stderr
+
+
+def test_unset_optional_secret_is_left_out_of_the_stack(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, HTTP_CLIENT_API_KEY="<unset>")
+    assert "HTTP_CLIENT_API_KEY" not in document["services"]["app"]["environment"]
+
+
+def test_dollar_signs_in_values_are_escaped_for_deploy_time_interpolation(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, ADMIN_API_TOKEN="pa$$word-${HOME}")
+    assert document["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$$$word-$${HOME}"
+
+
+def test_app_service_has_health_resources_and_safe_rolling_updates(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path)
+    app = document["services"]["app"]
+    assert "/health/live" in " ".join(app["healthcheck"]["test"])
+    deploy = app["deploy"]
+    assert deploy["replicas"] >= 2
+    for kind in ("limits", "reservations"):
+        assert deploy["resources"][kind]["cpus"]
+        assert deploy["resources"][kind]["memory"]
+    update = deploy["update_config"]
+    assert update["parallelism"] == 1
+    assert update["order"] == "start-first"
+    assert update["failure_action"] == "rollback"
+    assert update["monitor"]
+    assert deploy["rollback_config"]["parallelism"] == 1
+    assert deploy["restart_policy"]["condition"] in {"any", "on-failure"}
+    assert app["read_only"] is True
+
+
+def test_single_replica_is_refused(tmp_path: Path) -> None:
+    result = run_render(sample_env(APP_REPLICAS="1"), tmp_path / "out")
+    assert result.returncode == 2
+    assert "APP_REPLICAS" in result.stderr
+
+
+def test_traefik_serves_the_host_over_tls_and_redirects_http(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, APP_HOST="gw.example.org", QUANTUM_STACK="gw")
+    app = document["services"]["app"]
+    assert "public" in app["networks"]
+    assert document["networks"]["public"]["external"] is True
+    labels = app["deploy"]["labels"]
+    assert labels["traefik.enable"] == "true"
+    assert labels["traefik.http.routers.gw-https.rule"] == "Host(`gw.example.org`)"
+    assert labels["traefik.http.routers.gw-https.tls"] == "true"
+    assert labels["traefik.http.routers.gw-https.tls.certresolver"]
+    assert labels["traefik.http.routers.gw-http.middlewares"] == "gw-https-redirect"
+    assert labels["traefik.http.middlewares.gw-https-redirect.redirectscheme.scheme"] == "https"
+    assert labels["traefik.http.services.gw.loadbalancer.server.port"] == "3000"
+
+
+def test_redis_persists_with_aof_and_evicts_only_keys_with_a_ttl(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path)
+    redis = document["services"]["redis"]
+    command = redis["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1].startswith("volatile-")
+    assert command[command.index("--maxmemory") + 1]
+    assert "ports" not in redis
+    assert redis["networks"] == ["internal"]
+    assert any(volume.startswith("redis-data:") for volume in redis["volumes"])
+    assert "redis-data" in document["volumes"]
+    assert document["networks"]["internal"]["internal"] is True
+    assert redis["healthcheck"]["test"]
+    assert redis["deploy"]["resources"]["limits"]["memory"]
+    assert redis["deploy"]["resources"]["reservations"]["memory"]
+
+
+def test_eviction_policy_that_could_drop_api_keys_is_refused(tmp_path: Path) -> None:
+    result = run_render(sample_env(REDIS_EVICTION_POLICY="allkeys-lru"), tmp_path / "out")
+    assert result.returncode == 2
+    assert "REDIS_EVICTION_POLICY" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
+def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
+    _, stack_file, _ = render_ok(tmp_path, ADMIN_API_TOKEN="pa$$word")
+    result = subprocess.run(
+        ["docker", "stack", "config", "-c", str(stack_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    assert config["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$word"
