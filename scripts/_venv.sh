@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by run.sh and test.sh: create .venv when missing and install a requirements file
 # whenever it changed since the last install.
 ensure_venv() {
@@ -7,7 +8,8 @@ ensure_venv() {
   fi
   # shellcheck disable=SC1091
   . .venv/bin/activate
-  local stamp=".venv/.installed-$(basename "$requirements").sha256"
+  local stamp
+  stamp=".venv/.installed-$(basename "$requirements").sha256"
   local wanted
   wanted=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
   if [ "$(cat "$stamp" 2>/dev/null || true)" != "$wanted" ]; then

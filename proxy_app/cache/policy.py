@@ -257,7 +257,11 @@ def freshness(
     # must-revalidate/proxy-revalidate forbid stale use; s-maxage implies proxy-revalidate,
     # so only the origin's explicit stale-* directives may open a stale window then.
     forbid_stale = "must-revalidate" in directives or "proxy-revalidate" in directives
-    default_allowed = not (forbid_stale or always_revalidate or s_maxage is not None)
+    # The default stale window belongs to the API-acceleration mode; with CACHE_TTL_DEFAULT=0
+    # (a strictly standard cache) only the origin may permit stale use.
+    default_allowed = settings.cache_ttl_default_s > 0 and not (
+        forbid_stale or always_revalidate or s_maxage is not None
+    )
     swr = delta_seconds(directives, "stale-while-revalidate")
     sie = delta_seconds(directives, "stale-if-error")
     stale_while_revalidate = (

@@ -224,3 +224,11 @@ def test_requests_that_bypass_the_cache(names: list[str], reason: str | None) ->
 def test_conditional_requests(request_headers: dict[str, str], expected: bool) -> None:
     response = [("etag", '"v1"'), ("last-modified", date())]
     assert policy.not_modified(request_headers, response) is expected
+
+
+def test_a_strict_cache_opens_no_stale_window_of_its_own() -> None:
+    strict = fresh([("cache-control", "max-age=60")], cache_ttl_default_s=0, cache_stale_ttl_s=30)
+    assert strict.stale_while_revalidate_s == 0
+    assert strict.stale_if_error_s == 0
+    explicit = fresh([("cache-control", "max-age=60, stale-if-error=9")], cache_ttl_default_s=0)
+    assert explicit.stale_if_error_s == 9
