@@ -1,14 +1,21 @@
-"""The bearer-token check in front of every ``/internal/**`` route."""
+"""The bearer-token check in front of every ``/internal/**`` route, with throttling of clients
+that keep presenting wrong tokens (a correct token is never throttled)."""
 
 from __future__ import annotations
 
 import hmac
+from typing import Any
 
 from flask import request
 
 from proxy_app import services
-from proxy_app.errors import Unauthorized
+from proxy_app.audit import audit
+from proxy_app.errors import TooManyRequests, Unauthorized
+from proxy_app.redis import RedisUnavailable
 
+# Wrong tokens one client may present per window before it gets 429 instead of 401.
+FAILURES_ALLOWED = 10
+FAILURE_WINDOW_S = 60
 _CHALLENGE = {"www-authenticate": 'Bearer realm="internal"'}
 
 
@@ -17,13 +24,37 @@ def require_admin_token() -> None:
     expected = services.settings().admin_api_token
     scheme, _, presented = request.headers.get("authorization", "").partition(" ")
     if (
-        not expected
-        or scheme.lower() != "bearer"
+        expected
+        and scheme.lower() == "bearer"
         # compare_digest on bytes: constant time whatever the presented value holds.
-        or not hmac.compare_digest(presented.strip().encode(), expected.encode())
+        and hmac.compare_digest(presented.strip().encode(), expected.encode())
     ):
-        raise Unauthorized(
-            "A valid admin bearer token is required.",
-            code="invalid_admin_token",
-            headers=_CHALLENGE,
+        return
+    failures = _count_failure()
+    audit("admin.auth", "denied", failures=failures)
+    if failures > FAILURES_ALLOWED:
+        raise TooManyRequests(
+            "Too many requests with a wrong admin token; wait before trying again.",
+            code="too_many_auth_failures",
+            headers={"retry-after": str(FAILURE_WINDOW_S)},
         )
+    raise Unauthorized(
+        "A valid admin bearer token is required.", code="invalid_admin_token", headers=_CHALLENGE
+    )
+
+
+def _count_failure() -> int:
+    """Wrong tokens from this client in the current window; 0 when Redis cannot count."""
+    registry = services.key_registry()
+    key = registry.names.admin_failures(request.remote_addr or "unknown")
+
+    def count(client: Any) -> int:
+        pipe = client.pipeline(transaction=True)
+        pipe.incr(key)
+        pipe.expire(key, FAILURE_WINDOW_S, nx=True)
+        return int(pipe.execute()[0])
+
+    try:
+        return int(registry.redis.call(count))
+    except RedisUnavailable:
+        return 0

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, cast
 from flask import current_app
 
 if TYPE_CHECKING:
+    from proxy_app.access.check import AccessGate
+    from proxy_app.access.keys import KeyRegistry
     from proxy_app.cache.http import ProxyCache
     from proxy_app.metrics import Metrics
     from proxy_app.redis import RedisConnections
@@ -18,6 +20,8 @@ UPSTREAM = "proxy_app.upstream"
 REDIS = "proxy_app.redis"
 METRICS = "proxy_app.metrics"
 PROXY_CACHE = "proxy_app.proxy_cache"
+ACCESS_GATE = "proxy_app.access_gate"
+KEY_REGISTRY = "proxy_app.key_registry"
 
 
 def settings() -> Settings:
@@ -38,3 +42,11 @@ def metrics() -> Metrics:
 
 def proxy_cache() -> ProxyCache:
     return cast("ProxyCache", current_app.extensions[PROXY_CACHE])
+
+
+def access_gate() -> AccessGate:
+    return cast("AccessGate", current_app.extensions[ACCESS_GATE])
+
+
+def key_registry() -> KeyRegistry:
+    return cast("KeyRegistry", current_app.extensions[KEY_REGISTRY])

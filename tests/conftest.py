@@ -29,6 +29,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.cleanup()
 
 
+@pytest.fixture(scope="session")
+def second_redis_server() -> Iterator[RedisServer]:
+    """Another Redis, for keys kept apart from the cache (API_KEYS_REDIS_URL)."""
+    server = RedisServer()
+    server.start()
+    yield server
+    server.cleanup()
+
+
 @pytest.fixture
 def redis_url(redis_server: RedisServer) -> str:
     """A clean, running Redis for this test."""
@@ -47,35 +56,50 @@ def stub() -> Iterator[StubUpstream]:
 
 @pytest.fixture
 def make_settings() -> Callable[..., Settings]:
-    def build(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {
-            "upstream_base_url": "http://upstream.test/v4",
-            "upstream_api_key": UPSTREAM_KEY,
-            "admin_api_token": ADMIN_TOKEN,
-            "upstream_retries": 0,
-            "web_concurrency": 1,
-        }
-        values.update(overrides)
-        return Settings(**values)
-
-    return build
+    return settings_for_tests
 
 
-@pytest.fixture
-def app(make_settings: Callable[..., Settings]) -> Flask:
+def settings_for_tests(**overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "upstream_base_url": "http://upstream.test/v4",
+        "upstream_api_key": UPSTREAM_KEY,
+        "admin_api_token": ADMIN_TOKEN,
+        "upstream_retries": 0,
+        "web_concurrency": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def fake_redis_app(**overrides: Any) -> Flask:
     """The app with Redis replaced by fakeredis: for fast tests of request handling."""
-    application = create_app(make_settings())
+    application = create_app(settings_for_tests(**overrides))
     application.config["TESTING"] = True
-    redis_connections = application.extensions["proxy_app.redis"]
     fake = fakeredis.FakeRedis()
-    for service in redis_connections.services():
+    for service in application.extensions["proxy_app.redis"].services():
         service.client = fake
     return application
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def app() -> Flask:
+    return fake_redis_app()
+
+
+@pytest.fixture
+def api_key(app: Flask) -> str:
+    """A valid client key, stored in the app's (fake) Redis."""
+    with app.app_context():
+        _record, raw_key = app.extensions["proxy_app.key_registry"].create(owner="tests")
+    return str(raw_key)
+
+
+@pytest.fixture
+def client(app: Flask, api_key: str) -> FlaskClient:
+    """A test client that sends a valid x-api-key with every request."""
+    test_client = app.test_client()
+    test_client.environ_base["HTTP_X_API_KEY"] = api_key
+    return test_client
 
 
 @pytest.fixture
@@ -83,13 +107,23 @@ def start_gateway(redis_url: str) -> Iterator[Callable[..., Gateway]]:
     """Start ``python -m proxy_app``; stopped at the end of the test."""
     started: list[Gateway] = []
 
-    def start(env: dict[str, str] | None = None, *, workers: int = 1, wait: bool = True) -> Gateway:
+    def start(
+        env: dict[str, str] | None = None,
+        *,
+        workers: int = 1,
+        wait: bool = True,
+        with_key: bool = True,
+    ) -> Gateway:
+        """With ``with_key``, a client key is created and sent by the gateway's get/request."""
         gateway = Gateway(
             {"CACHE_REDIS_URL": redis_url, "ADMIN_API_TOKEN": ADMIN_TOKEN, **(env or {})},
             workers=workers,
         )
         started.append(gateway)
-        return gateway.start(wait=wait)
+        gateway.start(wait=wait)
+        if wait and with_key:
+            gateway.api_key = gateway.create_key(ADMIN_TOKEN)["apiKey"]
+        return gateway
 
     yield start
     for gateway in started:

@@ -10,6 +10,7 @@ from flask import Blueprint, Response, g, request
 from werkzeug.routing import PathConverter
 
 from proxy_app import services
+from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
 from proxy_app.cache.http import Served
 from proxy_app.cache.policy import key_hash
 from proxy_app.cache.store import Outcome
@@ -40,6 +41,8 @@ class AnyPathConverter(PathConverter):
 
 
 bp = Blueprint("proxy", __name__)
+bp.before_request(enforce_api_key)
+bp.after_request(add_rate_limit_headers)
 
 
 @bp.route(

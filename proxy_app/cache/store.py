@@ -31,6 +31,9 @@ POLL_INTERVAL_S = 0.02
 # After a load whose result was not stored, waiters elsewhere are told so for this long.
 PASS_MARKER_TTL_MS = 1000
 _PASS = b"pass"
+# Keys SCAN looks at per step, and keys one UNLINK removes at most.
+SCAN_COUNT = 1000
+DELETE_BATCH = 500
 _HEADER = struct.Struct("!4sdddd")
 _MAGIC = b"PXC1"
 _LUA_DIR = Path(__file__).with_name("lua")
@@ -172,6 +175,32 @@ class CacheService:
 
     def delete(self, key: str) -> bool:
         return bool(self._redis(lambda client: client.delete(key)))
+
+    def scan_delete(self, pattern: str, *, dry_run: bool = False) -> tuple[int, int]:
+        """Find keys matching a glob pattern with SCAN (never KEYS) and unlink them in batches;
+        returns (matched, deleted)."""
+        matched = deleted = 0
+        cursor = 0
+        while True:
+
+            def scan(client: Any, at: int = cursor) -> tuple[int, list[bytes]]:
+                return client.scan(at, match=pattern, count=SCAN_COUNT)  # type: ignore[no-any-return]
+
+            cursor, keys = self._redis(scan)
+            matched += len(keys)
+            if keys and not dry_run:
+                for first in range(0, len(keys), DELETE_BATCH):
+                    batch = keys[first : first + DELETE_BATCH]
+
+                    def unlink(client: Any, names: list[bytes] = batch) -> int:
+                        return int(client.unlink(*names))
+
+                    deleted += self._redis(unlink)
+            if cursor == 0:
+                return matched, deleted
+
+    def exists(self, key: str) -> bool:
+        return bool(self._redis(lambda client: client.exists(key)))
 
     def delete_indexed(self, index: str) -> int:
         """Delete every key listed in an index set, and the set; returns how many went."""

@@ -287,7 +287,9 @@ def test_concurrent_requests_for_a_cold_key_reach_upstream_once(
         barrier.wait(timeout=10)
         # A connection each, so the requests spread over the workers.
         response = requests.get(
-            f"{gateway.url}/api/v1/cold", timeout=15, headers={"Connection": "close"}
+            f"{gateway.url}/api/v1/cold",
+            timeout=15,
+            headers=gateway.key_headers({"Connection": "close"}),
         )
         with lock:
             answers.append(response)
@@ -305,11 +307,18 @@ def test_concurrent_requests_for_a_cold_key_reach_upstream_once(
     assert outcomes.count("MISS") == 1
 
 
-def test_redis_outage_means_pass_through_and_caching_resumes_after(
-    start_gateway: StartGateway, stub: StubUpstream, redis_server: RedisServer
+def test_cache_redis_outage_means_pass_through_and_caching_resumes_after(
+    start_gateway: StartGateway,
+    stub: StubUpstream,
+    redis_server: RedisServer,
+    second_redis_server: RedisServer,
 ) -> None:
+    """With API keys in their own Redis, a cache outage costs only caching."""
     stub.reply("/o", cacheable(b'{"o": 1}'))
-    gateway = gateway_for(start_gateway, stub, REDIS_TIMEOUT_MS="100")
+    second_redis_server.client().flushall()
+    gateway = gateway_for(
+        start_gateway, stub, REDIS_TIMEOUT_MS="100", API_KEYS_REDIS_URL=second_redis_server.url
+    )
     assert gateway.get("/api/v1/o").headers["x-cache"] == "MISS"
     redis_server.stop()
     try:
@@ -323,6 +332,7 @@ def test_redis_outage_means_pass_through_and_caching_resumes_after(
         assert slowest < 0.5
         health = gateway.get("/health").json()
         assert health["status"] == "degraded"
+        assert health["redis"] == {"cache": "down", "keys": "up"}
     finally:
         redis_server.start()
     deadline = time.monotonic() + 5

@@ -37,6 +37,8 @@ def raw_request(gateway: Gateway, method: str, target: str) -> tuple[int, bytes]
     connection = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=10)
     try:
         connection.putrequest(method, target, skip_accept_encoding=True)
+        for name, value in gateway.key_headers().items():
+            connection.putheader(name, value)
         connection.endheaders()
         response = connection.getresponse()
         return response.status, response.read()
@@ -58,7 +60,6 @@ def test_allowlisted_headers_go_upstream_and_secrets_and_hop_headers_do_not(
             "X-Request-Id": "trace-me-1",
             "Cookie": "session=abc",
             "Authorization": "Bearer user-token",
-            "X-Api-Key": "pk_client_key_value",
             "api_key": "caller-supplied-key",
             "X-Forwarded-For": "203.0.113.9",
             "X-Forwarded-Host": "evil.example",
@@ -268,16 +269,16 @@ def test_logs_are_json_lines_with_request_ids_and_no_secrets(
     start_gateway: StartGateway, stub: StubUpstream
 ) -> None:
     gateway = start_gateway(upstream_env(stub, LOG_LEVEL="debug"))
-    client_key = "pk_abcdef12_" + "k" * 43
-    gateway.get(
-        "/api/v1/things?token=1", headers={"X-Api-Key": client_key, "X-Request-Id": "log-1"}
-    )
+    wrong_key = "pk_abcdef123456_" + "k" * 43
+    gateway.get("/api/v1/things?token=1", headers={"X-Request-Id": "log-1"})
+    assert gateway.get("/api/v1/things", headers={"X-Api-Key": wrong_key}).status_code == 401
     gateway.get("/internal/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
     gateway.get("/internal/metrics", headers={"Authorization": "Bearer wrong"})
     assert gateway.terminate() == 0
     records = gateway.log_records()  # fails if any line is not JSON
     output = gateway.output()
-    for secret in (ADMIN_TOKEN, UPSTREAM_KEY, client_key):
+    assert gateway.api_key is not None
+    for secret in (ADMIN_TOKEN, UPSTREAM_KEY, gateway.api_key, wrong_key):
         assert secret not in output
     request_lines = [r for r in records if r["msg"] == "request" and r.get("request_id") == "log-1"]
     assert len(request_lines) == 1
@@ -286,6 +287,7 @@ def test_logs_are_json_lines_with_request_ids_and_no_secrets(
     assert line["path"] == "/api/v1/things"
     assert line["status"] == 200
     assert line["upstream_status"] == 200
+    assert line["key_id"] == gateway.api_key.split("_")[1]
     assert isinstance(line["duration_ms"], float)
     assert any(r["logger"] == "gunicorn.error" for r in records)
 
@@ -294,7 +296,11 @@ def test_metrics_are_merged_across_workers(start_gateway: StartGateway, stub: St
     gateway = start_gateway({"HTTP_CLIENT_BASE_URL": stub.url}, workers=2)
     for _ in range(40):
         # New connections spread the requests over both workers.
-        requests.get(f"{gateway.url}/api/v1/x", timeout=5, headers={"Connection": "close"})
+        requests.get(
+            f"{gateway.url}/api/v1/x",
+            timeout=5,
+            headers=gateway.key_headers({"Connection": "close"}),
+        )
     text = gateway.get("/internal/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
     line = next(
         row

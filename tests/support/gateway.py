@@ -35,6 +35,7 @@ class Gateway:
         self.workdir = tempfile.mkdtemp(prefix="proxy-app-test-gw-")
         self.log_path = Path(self.workdir) / "stdout.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.api_key: str | None = None  # sent as x-api-key by get() and request()
 
     def start(self, *, wait: bool = True) -> Gateway:
         with open(self.log_path, "wb") as log_file:
@@ -56,8 +57,8 @@ class Gateway:
                 f"the gateway exited with {self.process.returncode}:\n{self.output()}"
             )
         try:
-            return requests.get(f"{self.url}/health/live", timeout=1).status_code == 200
-        except requests.exceptions.ConnectionError:
+            return requests.get(f"{self.url}/health/live", timeout=2).status_code == 200
+        except requests.exceptions.RequestException:  # not listening yet, or still booting
             return False
 
     def wait_exit(self, timeout_s: float = 20) -> int:
@@ -84,12 +85,29 @@ class Gateway:
             records.append(json.loads(line))
         return records
 
+    def create_key(self, admin_token: str, **fields: Any) -> dict[str, Any]:
+        response = requests.post(
+            f"{self.url}/internal/api-keys",
+            json={"owner": "tests", **fields},
+            headers={"Authorization": f"Bearer {admin_token}"},
+            timeout=10,
+        )
+        assert response.status_code == 201, response.text
+        created: dict[str, Any] = response.json()
+        return created
+
+    def key_headers(self, headers: dict[str, str] | None = None) -> dict[str, str]:
+        merged = {"x-api-key": self.api_key} if self.api_key else {}
+        merged.update(headers or {})
+        return merged
+
     def get(self, path: str, **kwargs: Any) -> requests.Response:
-        return requests.get(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
+        return self.request("GET", path, **kwargs)
 
     def request(self, method: str, path: str, **kwargs: Any) -> requests.Response:
+        headers = self.key_headers(kwargs.pop("headers", None))
         return requests.request(
-            method, self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs
+            method, self.url + path, timeout=kwargs.pop("timeout", 10), headers=headers, **kwargs
         )
 
     def stop(self) -> None:

@@ -35,7 +35,7 @@ def test_get_is_forwarded_with_path_query_and_upstream_key(
     upstream.get(
         f"{BASE}/things/1", content=b'{"id": 1}', headers={"Content-Type": "application/json"}
     )
-    response = client.get("/api/v1/things/1?b=2&a=1&b=3", headers={"x-api-key": "pk_client"})
+    response = client.get("/api/v1/things/1?b=2&a=1&b=3")
     assert response.status_code == 200
     assert response.data == b'{"id": 1}'
     assert response.headers["content-type"] == "application/json"

@@ -1,0 +1,96 @@
+"""The check in front of ``/api/v1``: a valid, unrevoked, unexpired ``x-api-key`` within its
+rate limit, or the request ends here (401, 429, or 503 when Redis cannot tell)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import NoReturn
+
+from flask import Response, g, request
+
+from proxy_app import services
+from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
+from proxy_app.access.ratelimit import RateLimitPolicy, RateLimitState, rate_limit_headers
+from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
+from proxy_app.redis import RedisService, RedisUnavailable
+
+API_KEY_HEADER = "x-api-key"
+_SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
+_REJECTIONS = {
+    "missing": "An x-api-key header is required.",
+    "invalid": "The API key is not valid.",
+    "revoked": "The API key has been revoked.",
+    "expired": "The API key has expired.",
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccessDecision:
+    outcome: str  # ok, unknown, revoked, expired, limited
+    rate: RateLimitState | None = None
+
+
+class AccessGate:
+    """Checks a key and charges its rate limit in one Redis round trip."""
+
+    def __init__(self, redis: RedisService, prefix: str, policy: RateLimitPolicy) -> None:
+        self.redis = redis
+        self.names = KeyNamespace(prefix)
+        self.policy = policy
+        self._script = redis.client.register_script(_SCRIPT)
+
+    def check(self, key_id: str, raw_key: str) -> AccessDecision:
+        """Raises RedisUnavailable when the answer cannot be had."""
+        keys = [self.names.record(key_id), self.names.rate(key_id)]
+        args: list[str | int] = [hash_key(raw_key), self.policy.limit, self.policy.window_ms]
+        reply = self.redis.call(lambda client: self._script(keys=keys, args=args, client=client))
+        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if outcome in ("ok", "limited"):
+            state = RateLimitState.from_script(int(reply[1]), int(reply[2]), int(reply[3]))
+            return AccessDecision(outcome, state)
+        return AccessDecision(outcome)
+
+
+def enforce_api_key() -> None:
+    """before_request of the proxy: the key check, then the rate limit."""
+    raw_key = request.headers.get(API_KEY_HEADER, "").strip()
+    if not raw_key:
+        _reject("missing")
+    key_id = key_id_of(raw_key)
+    if key_id is None:
+        _reject("invalid")
+    gate = services.access_gate()
+    try:
+        decision = gate.check(key_id, raw_key)
+    except RedisUnavailable:
+        services.metrics().auth_rejections.labels("unavailable").inc()
+        raise ServiceUnavailable(
+            "API keys cannot be checked right now; try again shortly.",
+            code="auth_unavailable",
+            headers={"retry-after": "1"},
+        ) from None
+    if decision.outcome in ("unknown", "revoked", "expired"):
+        _reject("invalid" if decision.outcome == "unknown" else decision.outcome)
+    g.key_id = key_id
+    g.rate_limit = decision.rate
+    if decision.outcome == "limited" and decision.rate is not None:
+        services.metrics().rate_limited.inc()
+        raise TooManyRequests(
+            "Rate limit exceeded for this API key.",
+            headers={"retry-after": str(decision.rate.retry_after_s)},
+            retryAfter=decision.rate.retry_after_s,
+        )
+
+
+def add_rate_limit_headers(response: Response) -> Response:
+    """after_request of the proxy: every answer to a known key says where its limit stands."""
+    state: RateLimitState | None = g.get("rate_limit")
+    if state is not None:
+        response.headers.update(rate_limit_headers(services.access_gate().policy, state))
+    return response
+
+
+def _reject(reason: str) -> NoReturn:
+    services.metrics().auth_rejections.labels(reason).inc()
+    raise Unauthorized(_REJECTIONS[reason], code=f"{reason}_api_key")
