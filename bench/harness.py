@@ -1,5 +1,7 @@
-"""Processes the benchmarks drive: nginx as a fast upstream, a private redis-server, the gateway
-under gunicorn + gevent, and wrk as the load generator in its own process."""
+"""Processes the benchmarks drive: nginx as a fast upstream, a slow Python upstream that counts
+requests, a private redis-server, the gateway under gunicorn + gevent, and wrk as the load
+generator in its own process; and the counters read from them (Redis ``INFO commandstats`` and
+MONITOR, the gateway's metrics, the slow upstream's request counts)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,23 @@ import dataclasses
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
+from collections import Counter
 from pathlib import Path
 from types import TracebackType
+from typing import Any, cast
+
+import redis
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # A ~1 KB JSON document, the same for every server in the comparison.
@@ -151,6 +160,31 @@ http {{
                 time.sleep(0.05)
         raise TimeoutError("redis-server did not start")
 
+    def slow_upstream(self, delay_s: float) -> str:
+        """A threaded Python upstream that answers every path after ``delay_s`` with
+        ``max-age=60`` JSON and counts requests per path (read them with ``upstream_counts``)."""
+        port = free_port()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        self.start(
+            [
+                sys.executable,
+                "-m",
+                "bench.slow_upstream",
+                "--port",
+                str(port),
+                "--delay",
+                str(delay_s),
+            ],
+            env=env,
+            log="slow-upstream.log",
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + COUNTS_PATH)
+        return url
+
     def gateway(self, env: dict[str, str], workers: int = 2) -> str:
         port = free_port()
         full_env = {
@@ -224,3 +258,167 @@ def wrk(
         non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
         errors=sum(int(n) for n in errors.groups()) if errors else 0,
     )
+
+
+# Where the slow upstream reports how many requests it got per path (as JSON).
+COUNTS_PATH = "/__counts"
+
+
+def upstream_counts(upstream: str) -> dict[str, int]:
+    """Requests the slow upstream has received, per path (without the query)."""
+    with urllib.request.urlopen(upstream + COUNTS_PATH, timeout=5) as response:
+        counts = json.loads(response.read())
+    return {str(path): int(n) for path, n in counts.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandCounts:
+    """Per-command counters from Redis ``INFO commandstats``: ``calls`` (failed calls included)
+    and ``failed_calls``, keyed by command name (``get``, ``evalsha``, ``client|setinfo``)."""
+
+    calls: Counter[str]
+    failed: Counter[str]
+
+    def __sub__(self, earlier: CommandCounts) -> CommandCounts:
+        return CommandCounts(self.calls - earlier.calls, self.failed - earlier.failed)
+
+    @property
+    def total(self) -> int:
+        return sum(self.calls.values())
+
+
+class RedisStats:
+    """Reads ``INFO commandstats`` over one connection opened up front, so that its own
+    connection set-up is not counted in a difference. The ``info`` command is left out of every
+    reading: the only client that sends it is this one."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        self.read()  # connect now
+
+    def read(self) -> CommandCounts:
+        raw = cast("dict[str, dict[str, Any]]", self._client.info("commandstats"))
+        calls: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        for section, stats in raw.items():
+            name = section.removeprefix("cmdstat_")
+            if name == "info":
+                continue
+            calls[name] = int(stats.get("calls", 0))
+            failed[name] = int(stats.get("failed_calls", 0))
+        return CommandCounts(calls, failed)
+
+    def measure(self) -> RedisUsage:
+        return RedisUsage(self)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class RedisUsage:
+    """``with stats.measure() as usage:`` what Redis ran meanwhile, two ways.
+
+    ``usage.counts``: the ``INFO commandstats`` difference. Redis counts the commands a Lua
+    script runs there too, so an EVALSHA that runs HMGET, TIME, GET and SET counts 5.
+    ``usage.sent`` / ``usage.scripted``: the same commands from MONITOR, split into those clients
+    sent (each one a round trip, or part of a pipelined one) and those scripts ran inside Redis.
+    MONITOR slows Redis down: use this for counting, never while measuring throughput. The
+    bench's own commands (INFO, the end marker) are left out."""
+
+    def __init__(self, stats: RedisStats) -> None:
+        self._stats = stats
+        self._marker = f"bench-monitor-end-{secrets.token_hex(8)}"
+        self.sent: Counter[str] = Counter()
+        self.scripted: Counter[str] = Counter()
+        self.counts = CommandCounts(Counter(), Counter())
+        self.error: BaseException | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+
+    def __enter__(self) -> RedisUsage:
+        port = self._stats.port
+        self._marker_client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        self._marker_client.ping()  # connected before MONITOR starts: its set-up is not seen
+        self._monitor_client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=30)
+        self._monitor = self._monitor_client.monitor()  # type: ignore[no-untyped-call]
+        self._monitor.__enter__()  # MONITOR is on once this returns
+        self._reader.start()
+        self._before = self._stats.read()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.counts = self._stats.read() - self._before
+            self._marker_client.echo(self._marker)
+            self._reader.join(timeout=60)
+        finally:
+            self._monitor.__exit__(exc_type, exc, tb)
+            self._monitor_client.close()
+            self._marker_client.close()
+        if self._reader.is_alive() and exc is None:
+            raise TimeoutError("MONITOR did not deliver the end marker within 60 s")
+        if self.error is not None and exc is None:
+            raise RuntimeError(f"reading MONITOR failed: {self.error!r}")
+
+    def _read(self) -> None:
+        try:
+            while True:
+                entry = self._monitor.next_command()
+                command = str(entry.get("command", ""))
+                if self._marker in command:
+                    return
+                name = command.split(" ", 1)[0].lower()
+                if entry.get("client_type") == "lua":
+                    self.scripted[name] += 1
+                elif name != "info":
+                    self.sent[name] += 1
+        except Exception as exc:
+            self.error = exc
+
+
+_COUNTER_LINE = re.compile(
+    r'^proxy_(cache_outcomes|redis_errors)_total\{(?:outcome|redis)="([\w-]+)"\}\s+(\S+)$',
+    re.MULTILINE,
+)
+
+
+def gateway_counters(gateway: str, admin_token: str) -> Counter[str]:
+    """The gateway's counters so far (all workers), from ``/internal/metrics``: its ``x-cache``
+    outcomes as ``x-cache HIT`` etc., and the Redis calls that failed or were short-circuited
+    as ``redis errors cache`` etc."""
+    request = urllib.request.Request(
+        gateway + "/internal/metrics", headers={"Authorization": f"Bearer {admin_token}"}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    names = {"cache_outcomes": "x-cache", "redis_errors": "redis errors"}
+    return Counter(
+        {
+            f"{names[family]} {label}": int(float(value))
+            for family, label, value in _COUNTER_LINE.findall(text)
+        }
+    )
+
+
+def create_api_key(gateway: str, admin_token: str) -> str | None:
+    """A client key for ``x-api-key`` from ``POST /internal/api-keys``; None when the gateway
+    has no such endpoint (a version that checks no client keys)."""
+    request = urllib.request.Request(
+        gateway + "/internal/api-keys",
+        data=json.dumps({"owner": "bench"}).encode(),
+        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            created = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        if exc.code in (404, 405):
+            return None
+        raise
+    return str(created["apiKey"])
