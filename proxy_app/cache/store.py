@@ -284,12 +284,16 @@ class CacheService:
         token = secrets.token_hex(8)
         lock = _lock_key(key)
         try:
-            acquired = self._redis(
-                lambda client: client.set(lock, token, nx=True, px=self._lock_ms)
+            # NX with GET: either we take the lock (None) or learn what holds it, in one call.
+            holder = self._redis(
+                lambda client: client.set(lock, token, nx=True, px=self._lock_ms, get=True)
             )
         except RedisUnavailable:
             return self._load_and_store(key, loader, previous, index)
-        if acquired:
+        if holder == _PASS:
+            # The last load of this key was not cacheable: nothing to wait for.
+            return self._load_and_store(key, loader, previous, index)
+        if holder is None:
             result = None
             try:
                 result = self._load_and_store(key, loader, previous, index)
