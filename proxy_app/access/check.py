@@ -12,6 +12,7 @@ from flask import Response, g, request
 from proxy_app import services
 from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
 from proxy_app.access.ratelimit import RateLimitPolicy, RateLimitState, rate_limit_headers
+from proxy_app.cache.store import Prefetched
 from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
 from proxy_app.redis import RedisService, RedisUnavailable
 
@@ -29,6 +30,7 @@ _REJECTIONS = {
 class AccessDecision:
     outcome: str  # ok, unknown, revoked, expired, limited
     rate: RateLimitState | None = None
+    prefetched: Prefetched | None = None
 
 
 class AccessGate:
@@ -40,16 +42,22 @@ class AccessGate:
         self.policy = policy
         self._script = redis.client.register_script(_SCRIPT)
 
-    def check(self, key_id: str, raw_key: str) -> AccessDecision:
-        """Raises RedisUnavailable when the answer cannot be had."""
+    def check(self, key_id: str, raw_key: str, prefetch: str | None = None) -> AccessDecision:
+        """Check the key and charge its limit; with ``prefetch``, also read that Redis key when
+        the request is allowed. Raises RedisUnavailable when the answer cannot be had."""
         keys = [self.names.record(key_id), self.names.rate(key_id)]
+        if prefetch is not None:
+            keys.append(prefetch)
         args: list[str | int] = [hash_key(raw_key), self.policy.limit, self.policy.window_ms]
         reply = self.redis.call(lambda client: self._script(keys=keys, args=args, client=client))
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
-        if outcome in ("ok", "limited"):
-            state = RateLimitState.from_script(int(reply[1]), int(reply[2]), int(reply[3]))
-            return AccessDecision(outcome, state)
-        return AccessDecision(outcome)
+        if outcome not in ("ok", "limited"):
+            return AccessDecision(outcome)
+        state = RateLimitState.from_script(int(reply[1]), int(reply[2]), int(reply[3]))
+        prefetched = None
+        if prefetch is not None and len(reply) > 4:
+            prefetched = Prefetched(prefetch, reply[4] or None)
+        return AccessDecision(outcome, state, prefetched)
 
 
 def enforce_api_key() -> None:
@@ -62,7 +70,8 @@ def enforce_api_key() -> None:
         _reject("invalid")
     gate = services.access_gate()
     try:
-        decision = gate.check(key_id, raw_key)
+        # The proxy may have named, in g, a cache entry it will want: read in the same trip.
+        decision = gate.check(key_id, raw_key, g.get("cache_prefetch_key"))
     except RedisUnavailable:
         services.metrics().auth_rejections.labels("unavailable").inc()
         raise ServiceUnavailable(
@@ -74,6 +83,7 @@ def enforce_api_key() -> None:
         _reject("invalid" if decision.outcome == "unknown" else decision.outcome)
     g.key_id = key_id
     g.rate_limit = decision.rate
+    g.cache_prefetched = decision.prefetched
     if decision.outcome == "limited" and decision.rate is not None:
         services.metrics().rate_limited.inc()
         raise TooManyRequests(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator
 
 import orjson
@@ -41,6 +42,38 @@ class AnyPathConverter(PathConverter):
 
 
 bp = Blueprint("proxy", __name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """What the request asks of the upstream, worked out once before the key check."""
+
+    target: str | None  # the upstream path; None when the path was refused
+    refusal: BadRequest | None
+    query: str
+    forwarded: dict[str, str]
+
+
+def plan_request() -> None:
+    """before_request, ahead of the key check: judge the target and, for a GET or HEAD that may
+    be answered from the cache, name the entry so the key check can read it along (one Redis
+    round trip for both, when keys and cache share a Redis)."""
+    raw_path, raw_query = split_raw_uri(_raw_uri())
+    forwarded = forward_request_headers(request.headers.items(), g.request_id)
+    try:
+        target: str | None = upstream_path(raw_path, raw_query)
+        refusal = None
+    except BadRequest as exc:
+        target, refusal = None, exc
+    g.proxy_request = ProxyRequest(target, refusal, raw_query, forwarded)
+    redis = services.redis()
+    if target is not None and request.method in ("GET", "HEAD") and redis.keys is redis.cache:
+        g.cache_prefetch_key = services.proxy_cache().lookup_key(
+            target, raw_query, forwarded, list(request.headers.keys())
+        )
+
+
+bp.before_request(plan_request)
 bp.before_request(enforce_api_key)
 bp.after_request(add_rate_limit_headers)
 
@@ -50,15 +83,21 @@ bp.after_request(add_rate_limit_headers)
 )
 @bp.route("/api/v1/<anypath:path>", methods=PROXIED_METHODS, provide_automatic_options=False)
 def proxy(path: str) -> Response:
-    raw_path, raw_query = split_raw_uri(_raw_uri())
-    target = upstream_path(raw_path, raw_query)
+    planned: ProxyRequest = g.proxy_request
+    if planned.target is None:
+        raise planned.refusal or BadRequest("The path was refused.", code="invalid_path")
+    target, raw_query, headers = planned.target, planned.query, planned.forwarded
     body = _json_body()
-    headers = forward_request_headers(request.headers.items(), g.request_id)
     cache = services.proxy_cache()
     with _upstream_errors_as_responses():
         if request.method in ("GET", "HEAD"):
             served = cache.fetch(
-                request.method, target, raw_query, headers, list(request.headers.keys())
+                request.method,
+                target,
+                raw_query,
+                headers,
+                list(request.headers.keys()),
+                g.get("cache_prefetched"),
             )
         else:
             upstream_response = services.upstream().request(

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 import orjson
 
 from proxy_app.cache import policy
-from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Stored
+from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Prefetched, Stored
 from proxy_app.forwarding import filter_response_headers
 from proxy_app.redis import RedisUnavailable
 from proxy_app.settings import Settings
@@ -95,6 +95,20 @@ class ProxyCache:
         self.settings = settings
         self._base_url = settings.upstream_base_url or ""
 
+    def lookup_key(
+        self,
+        path: str,
+        query: str,
+        forwarded: Mapping[str, str],
+        client_header_names: Sequence[str],
+    ) -> str | None:
+        """The key a GET/HEAD would be looked up under, or None when it bypasses the cache."""
+        if policy.request_bypass_reason(
+            path, client_header_names, self.settings.cache_bypass_paths
+        ):
+            return None
+        return policy.cache_key(path, query, forwarded)
+
     def fetch(
         self,
         method: str,
@@ -102,16 +116,15 @@ class ProxyCache:
         query: str,
         forwarded: Mapping[str, str],
         client_header_names: Sequence[str],
+        prefetched: Prefetched | None = None,
     ) -> Served:
         """Answer a GET or HEAD. Raises UpstreamError when the upstream failed and no stored
-        response may stand in."""
-        if policy.request_bypass_reason(
-            path, client_header_names, self.settings.cache_bypass_paths
-        ):
+        response may stand in. ``prefetched``: the entry, when it was read ahead."""
+        key = self.lookup_key(path, query, forwarded, client_header_names)
+        if key is None:
             return self._pass_through(method, path, query, forwarded)
-        key = policy.cache_key(path, query, forwarded)
         if method == "HEAD":
-            return self._head(key, path, query, forwarded)
+            return self._head(key, path, query, forwarded, prefetched)
         outbound = {k: v for k, v in forwarded.items() if k not in policy.CONDITIONAL_HEADERS}
         target = policy.request_target(path, query)
 
@@ -121,12 +134,18 @@ class ProxyCache:
         def loader(previous: Stored | None) -> Load:
             return self._load(path, query, outbound, previous, answered)
 
+        # Entries decoded while judging them, kept with their bytes so that the one served is
+        # not decoded twice (holding the bytes keeps the identity check sound).
+        decoded: list[tuple[bytes, HttpEntry]] = []
+
+        def usable(stored: Stored) -> bool:
+            entry = HttpEntry.decode(stored.value)
+            decoded.append((stored.value, entry))
+            return entry.matches(forwarded)
+
         try:
             result = self.store.wrap(
-                key,
-                loader,
-                usable=lambda stored: HttpEntry.decode(stored.value).matches(forwarded),
-                index=policy.index_key(target),
+                key, loader, usable=usable, index=policy.index_key(target), prefetched=prefetched
             )
         except LoadFailed as failed:
             if isinstance(failed.fallback, UpstreamResponse):
@@ -134,7 +153,9 @@ class ProxyCache:
             if isinstance(failed.error, UpstreamError):
                 raise failed.error from None
             raise
-        entry = HttpEntry.decode(result.value)
+        entry = next(
+            (entry for blob, entry in decoded if blob is result.value), None
+        ) or HttpEntry.decode(result.value)
         cached = result.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED)
         age = entry.age_s(time.time()) if cached else None
         upstream = answered[0] if answered else None
@@ -229,12 +250,22 @@ class ProxyCache:
         )
         return _load_for(entry, fresh, revalidated=True)
 
-    def _head(self, key: str, path: str, query: str, forwarded: Mapping[str, str]) -> Served:
+    def _head(
+        self,
+        key: str,
+        path: str,
+        query: str,
+        forwarded: Mapping[str, str],
+        prefetched: Prefetched | None,
+    ) -> Served:
         """HEAD is answered from a fresh stored GET response; otherwise it goes upstream."""
-        try:
-            stored = self.store.get(key)
-        except RedisUnavailable:
-            stored = None
+        if prefetched is not None and prefetched.key == key:
+            stored = prefetched.stored()
+        else:
+            try:
+                stored = self.store.get(key)
+            except RedisUnavailable:
+                stored = None
         if stored is not None and time.time() < stored.fresh_until:
             entry = HttpEntry.decode(stored.value)
             if entry.matches(forwarded):

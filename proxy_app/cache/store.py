@@ -80,6 +80,17 @@ class Stored:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Prefetched:
+    """A cache entry read ahead of time (with the key check): the raw value, None when absent."""
+
+    key: str
+    blob: bytes | None
+
+    def stored(self) -> Stored | None:
+        return decode(self.blob) if self.blob else None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Result:
     value: bytes
     outcome: Outcome
@@ -219,11 +230,15 @@ class CacheService:
         *,
         usable: Callable[[Stored], bool] = lambda _stored: True,
         index: str | None = None,
+        prefetched: Prefetched | None = None,
     ) -> Result:
-        try:
-            stored = self.get(key)
-        except RedisUnavailable:
-            return Result(loader(None).value, Outcome.BYPASS)
+        if prefetched is not None and prefetched.key == key:
+            stored = prefetched.stored()
+        else:
+            try:
+                stored = self.get(key)
+            except RedisUnavailable:
+                return Result(loader(None).value, Outcome.BYPASS)
         if stored is not None and not usable(stored):
             stored = None
         now = time.time()

@@ -344,3 +344,27 @@ def test_cache_redis_outage_means_pass_through_and_caching_resumes_after(
     outage_logs = [r for r in gateway.log_records() if r["msg"] == "redis outage started"]
     assert len(outage_logs) == 1
     assert any(r["msg"] == "redis outage ended" for r in gateway.log_records())
+
+
+def test_a_keyed_cache_hit_costs_one_redis_round_trip(
+    start_gateway: StartGateway, stub: StubUpstream, redis_server: RedisServer
+) -> None:
+    stub.reply("/one", cacheable())
+    gateway = gateway_for(start_gateway, stub)
+    assert gateway.get("/api/v1/one").headers["x-cache"] == "MISS"
+    session = requests.Session()
+    session.headers.update(gateway.key_headers())
+    assert session.get(f"{gateway.url}/api/v1/one", timeout=5).headers["x-cache"] == "HIT"
+    redis = redis_server.client()
+    redis.config_resetstat()
+    for _ in range(20):
+        assert session.get(f"{gateway.url}/api/v1/one", timeout=5).headers["x-cache"] == "HIT"
+    stats = {
+        name.removeprefix("cmdstat_"): int(values["calls"])
+        for name, values in redis.info("commandstats").items()
+    }
+    stats.pop("config|resetstat", None)
+    stats.pop("info", None)
+    # One script call per request; the rest ran inside it (the key record, the clock, the
+    # rate-limit state and the cache entry).
+    assert stats == {"evalsha": 20, "hmget": 20, "time": 20, "get": 40, "set": 20}

@@ -1,0 +1,128 @@
+"""Two service instances (separate processes and ports, one Redis) behave as one."""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+
+import pytest
+import requests
+
+from tests.conftest import ADMIN_TOKEN
+from tests.support.gateway import Gateway
+from tests.support.stub_upstream import Reply, StubUpstream
+
+pytestmark = pytest.mark.integration
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def two_instances(start: Callable[..., Gateway], env: dict[str, str]) -> tuple[Gateway, Gateway]:
+    first = start(env, workers=2, with_key=False)
+    second = start(env, workers=2, with_key=False)
+    return first, second
+
+
+def get(gateway: Gateway, path: str, key: str, **headers: str) -> requests.Response:
+    return requests.get(
+        gateway.url + path,
+        headers={"x-api-key": key, "Connection": "close", **headers},
+        timeout=15,
+    )
+
+
+def spread(
+    instances: tuple[Gateway, Gateway], count: int, path: str, key: str
+) -> list[Callable[[], requests.Response]]:
+    """``count`` calls of ``path``, alternating between the instances."""
+    return [functools.partial(get, instances[n % 2], path, key) for n in range(count)]
+
+
+def in_parallel(calls: list[Callable[[], requests.Response]]) -> list[requests.Response]:
+    answers: list[requests.Response] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(len(calls))
+
+    def run(call: Callable[[], requests.Response]) -> None:
+        barrier.wait(timeout=20)
+        answer = call()
+        with lock:
+            answers.append(answer)
+
+    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    return answers
+
+
+def test_the_rate_limit_is_exact_in_total_not_per_instance(
+    start_gateway: Callable[..., Gateway], stub: StubUpstream
+) -> None:
+    stub.reply("/x", Reply(headers=(("cache-control", "no-store"),)))
+    first, second = two_instances(
+        start_gateway,
+        {
+            "HTTP_CLIENT_BASE_URL": stub.url,
+            "API_KEYS_RATE_LIMIT_MAX_REQUESTS": "40",
+            "API_KEYS_RATE_LIMIT_WINDOW_SECONDS": "3600",
+        },
+    )
+    key = first.create_key(ADMIN_TOKEN)["apiKey"]
+    answers = in_parallel(spread((first, second), 120, "/api/v1/x", key))
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 40
+    assert statuses.count(429) == 80
+    assert len(stub.calls("/x")) == 40
+
+
+def test_a_key_revoked_on_one_instance_is_refused_by_both(
+    start_gateway: Callable[..., Gateway], stub: StubUpstream
+) -> None:
+    stub.reply("/x", Reply(headers=(("cache-control", "no-store"),)))
+    first, second = two_instances(start_gateway, {"HTTP_CLIENT_BASE_URL": stub.url})
+    created = first.create_key(ADMIN_TOKEN)
+    key = created["apiKey"]
+    assert [get(gw, "/api/v1/x", key).status_code for gw in (first, second)] == [200, 200]
+    requests.post(
+        f"{first.url}/internal/api-keys/{created['keyId']}/revoke", headers=ADMIN, timeout=5
+    )
+    for gateway in (second, first, second):
+        answer = get(gateway, "/api/v1/x", key)
+        assert (answer.status_code, answer.json()["error"]) == (401, "revoked_api_key")
+
+
+def test_the_cache_and_its_invalidation_are_shared(
+    start_gateway: Callable[..., Gateway], stub: StubUpstream
+) -> None:
+    stub.reply("/shared", Reply(headers=(("cache-control", "max-age=600"),)))
+    first, second = two_instances(start_gateway, {"HTTP_CLIENT_BASE_URL": stub.url})
+    key = first.create_key(ADMIN_TOKEN)["apiKey"]
+    assert get(first, "/api/v1/shared", key).headers["x-cache"] == "MISS"
+    assert get(second, "/api/v1/shared", key).headers["x-cache"] == "HIT"
+    invalidated = requests.post(
+        f"{first.url}/internal/cache/invalidate",
+        json={"scope": "exact", "path": "/shared"},
+        headers=ADMIN,
+        timeout=5,
+    ).json()
+    assert invalidated["deleted"] == 1
+    assert get(second, "/api/v1/shared", key).headers["x-cache"] == "MISS"
+    assert len(stub.calls("/shared")) == 2
+
+
+def test_a_stampede_across_both_instances_reaches_upstream_once(
+    start_gateway: Callable[..., Gateway], stub: StubUpstream
+) -> None:
+    stub.reply(
+        "/cold", Reply(body=b'{"cold": 1}', headers=(("cache-control", "max-age=60"),), delay_s=0.5)
+    )
+    first, second = two_instances(start_gateway, {"HTTP_CLIENT_BASE_URL": stub.url})
+    key = first.create_key(ADMIN_TOKEN)["apiKey"]
+    answers = in_parallel(spread((first, second), 100, "/api/v1/cold", key))
+    assert [a.status_code for a in answers] == [200] * 100
+    assert {a.content for a in answers} == {b'{"cold": 1}'}
+    assert len(stub.calls("/cold")) == 1
+    assert sorted(a.headers["x-cache"] for a in answers).count("MISS") == 1
