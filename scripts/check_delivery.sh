@@ -93,6 +93,10 @@ check_workflow_schema() {
   check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 }
 
+check_dependabot_schema() {
+  check-jsonschema --builtin-schema vendor.dependabot .github/dependabot.yml
+}
+
 check_compose_schema() {
   check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml
 }
@@ -134,6 +138,7 @@ static_checks() {
   else skip "actionlint" "no binary here; runs in GitHub Actions (ci.yml, delivery-lint job)"; fi
   if have check-jsonschema; then
     run_check "check-jsonschema vendor.github-workflows" check_workflow_schema
+    run_check "check-jsonschema vendor.dependabot" check_dependabot_schema
     run_check "check-jsonschema vendor.compose-spec" check_compose_schema
   else
     record FAIL 0 "check-jsonschema (not installed)"
