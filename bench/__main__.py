@@ -1,5 +1,6 @@
 """``python -m bench``: load the gateway and print requests/s, latency percentiles, Redis commands
-per request and what a cache stampede does.
+per request, memory under load and what a cache stampede does, each against its goal, and a final
+summary table of the goals (met / NOT met).
 
 Run from the repository root with the venv active; needs wrk, nginx and redis-server (apt). All
 processes listen on free ports on 127.0.0.1 and are stopped at the end::
@@ -8,31 +9,47 @@ processes listen on free ports on 127.0.0.1 and are stopped at the end::
     python -m bench --duration 3 --rounds 1          # a quick look
     python -m bench --only hit,redis                 # a subset (names below)
     python -m bench --only stampede --stampede 200   # 200 concurrent requests
+    python -m bench --only memory --memory-seconds 10
 
-Scenarios (``--only`` names):
+Scenarios (``--only`` names); every gateway request carries a client key (``x-api-key``,
+created through the admin API), so hits and pass-throughs are keyed ones:
 
-- ``upstream``: wrk straight at nginx (``/nostore/items``), the reference for every ratio.
+- ``upstream``: wrk straight at nginx (``/nostore/items``), a reference for the ratios.
+- ``flask-hello``: wrk at a bare Flask app (``bench/hello_app.py``) answering the same ~1 KB
+  JSON as nginx, under gunicorn with gevent workers (``--workers``, like the gateway): the
+  reference the gateway's throughput goals are stated against.
 - ``passthrough``: wrk through the gateway at ``/api/v1/nostore/items`` (``no-store``: never
-  stored).
+  stored). Goal: at least 0.50x flask-hello.
 - ``hit``: wrk through the gateway at ``/api/v1/cacheable/items`` (``max-age=3600``), warmed
-  first (the warm-up must answer ``x-cache: MISS``, then ``HIT``); its goal is at least 0.80x
-  a bare Flask hello app (a reference scenario still to be added).
+  first (the warm-up must answer ``x-cache: MISS``, then ``HIT``). Goals: at least 0.80x
+  flask-hello with no non-2xx answer (nor socket error); p99 at most 20 ms at 50 connections.
 - ``redis``: Redis commands per request, from ``INFO commandstats`` of the private redis-server
   read before and after a counted number of sequential keep-alive GETs (2,000 warmed cache
   hits, 500 pass-throughs), in total and per command. Redis counts the commands Lua scripts run
   there too, so the same window is also read with MONITOR and split into the commands the
   gateway sent (each a round trip, unless pipelined: then an upper bound) and those its scripts
-  ran. The bench's own commands are left out.
+  ran. The bench's own commands are left out. Goals, on the hits: at most 1 command sent (round
+  trip) per hit on average; no command whose cost grows with the number of keys (SCAN, KEYS)
+  sent or run by a script.
+- ``memory``: ``--memory-seconds S`` (default 60) of wrk on a warmed keyed cache hit, then the
+  resident memory (VmRSS from ``/proc``) of the gateway summed over its gunicorn master and
+  workers (the master's descendants), in MB of 2^20 bytes; PSS (shared pages split among their
+  sharers) is printed too. Goal: at most 150 MB.
 - ``stampede``: ``--stampede N`` threads (default 100) each open a connection to a second
   gateway whose upstream answers after 300 ms (``bench/slow_upstream.py``, which counts requests
   per path), wait at a barrier and then all GET one never-requested path with ``Connection:
   close``. Prints how many requests reached the upstream (goal 1), the answers' ``x-cache`` and
-  statuses, the wall time and the Redis commands the gateways sent.
+  statuses (goal all 200), the wall time and the Redis commands the gateways sent.
+- ``stampede-2``: the same across two gateway instances (separate processes on separate ports,
+  ``--workers`` each) sharing one Redis and the slow upstream, half the requests to each. Goals:
+  exactly 1 upstream call, all 200.
 
 wrk scenarios run in alternating rounds so that drift on a shared machine hits all of them
-alike; medians of the rounds are printed, with the ratio to ``upstream`` and the gateway's
-``x-cache`` outcomes and Redis errors during the load (from its ``/internal/metrics``). Probes
-run once, after the loads.
+alike; medians of the rounds are printed, with the ratios to ``upstream`` and ``flask-hello``
+and the gateway's ``x-cache`` outcomes and Redis errors during the load (from its
+``/internal/metrics``). Probes run once, after the loads, in the order above. The output ends
+with a summary table: one line per goal, with the measured value and met / NOT met (or not
+measured, when its scenario, or the reference it needs, was not run).
 """
 
 from __future__ import annotations
@@ -43,15 +60,19 @@ from collections import Counter
 
 from bench.harness import LoadResult, Processes
 from bench.scenarios import (
+    HELLO,
     LOAD_SCENARIOS,
     PROBES,
     REFERENCE,
     SCENARIO_NAMES,
     LoadRun,
-    LoadScenario,
     Options,
+    ProbeReport,
     Stack,
     Target,
+    Verdict,
+    counter_lines,
+    met_text,
     run_load,
 )
 
@@ -73,41 +94,30 @@ def _median(runs: list[LoadRun]) -> LoadRun:
     )
 
 
-def _row(name: str, result: LoadResult, reference: LoadResult | None) -> str:
-    ratio = f"{result.requests_per_s / reference.requests_per_s:5.2f}x" if reference else "   --"
+def _ratio(result: LoadResult, reference: LoadRun | None) -> str:
+    if reference is None:
+        return "   --"
+    return f"{result.requests_per_s / reference.result.requests_per_s:5.2f}x"
+
+
+def _row(name: str, result: LoadResult, medians: dict[str, LoadRun]) -> str:
     return (
-        f"{name:<34} {result.requests_per_s:>9.0f} req/s  p50 {result.p50_ms:>7.2f} ms  "
-        f"p99 {result.p99_ms:>7.2f} ms  {ratio}  non-2xx {result.non_2xx}  errors {result.errors}"
+        f"{name:<38} {result.requests_per_s:>7.0f} req/s  p50 {result.p50_ms:>7.2f} ms  "
+        f"p99 {result.p99_ms:>7.2f} ms  {_ratio(result, medians.get(REFERENCE))} nginx  "
+        f"{_ratio(result, medians.get(HELLO))} hello  non-2xx {result.non_2xx}  "
+        f"errors {result.errors}"
     )
 
 
-def _counter_lines(counters: Counter[str]) -> list[str]:
-    """The gateway's x-cache outcomes and Redis errors during the load (all rounds)."""
-    lines = []
-    for family in ("x-cache", "redis errors"):
-        counts = {
-            name.removeprefix(family + " "): count
-            for name, count in counters.items()
-            if name.startswith(family + " ") and count > 0
-        }
-        total = sum(counts.values())
-        parts = [f"{name}={n} ({n / total:.1%})" for name, n in sorted(counts.items())]
-        lines.append(f"  {family} during load: " + (", ".join(parts) or "none"))
+def _summary(verdicts: list[Verdict]) -> list[str]:
+    header = ("goal", "measured", "target", "verdict")
+    rows = [header] + [(v.name, v.measured, v.goal, met_text(v.met)) for v in verdicts]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = ["", "summary of the goals:"]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join([*cells, row[3]]).rstrip())
     return lines
-
-
-def _goal_line(scenario: LoadScenario, medians: dict[str, LoadRun]) -> str | None:
-    goal = scenario.goal
-    if goal is None:
-        return None
-    text = f"  goal: >= {goal.min_ratio:.2f}x {goal.description} ({goal.reference})"
-    reference = medians.get(goal.reference)
-    if reference is None:
-        known = {s.name for s in LOAD_SCENARIOS}
-        why = "not run" if goal.reference in known else "no such scenario yet"
-        return f"{text}: not measured ({why})"
-    ratio = medians[scenario.name].result.requests_per_s / reference.result.requests_per_s
-    return f"{text}: {ratio:.2f}x, {'met' if ratio >= goal.min_ratio else 'NOT met'}"
 
 
 def _scenario_list(value: str) -> list[str]:
@@ -138,7 +148,10 @@ def main() -> None:
     parser.add_argument("--connections", type=_positive, default=50)
     parser.add_argument("--rounds", type=_positive, default=3)
     parser.add_argument(
-        "--workers", type=_positive, default=2, help="worker processes of each gateway"
+        "--workers",
+        type=_positive,
+        default=2,
+        help="worker processes of each gateway and of flask-hello",
     )
     parser.add_argument(
         "--stampede",
@@ -146,6 +159,13 @@ def main() -> None:
         default=100,
         metavar="N",
         help="concurrent requests in the stampede scenario",
+    )
+    parser.add_argument(
+        "--memory-seconds",
+        type=_positive,
+        default=60,
+        metavar="S",
+        help="seconds of cache-hit load before the memory probe reads the gateway's RSS",
     )
     parser.add_argument(
         "--only",
@@ -161,13 +181,14 @@ def main() -> None:
         rounds=args.rounds,
         workers=args.workers,
         stampede=args.stampede,
+        memory_s=args.memory_seconds,
     )
     selected: list[str] = args.only
     loads = [s for s in LOAD_SCENARIOS if s.name in selected]
     probes = [p for p in PROBES if p.name in selected]
 
     rounds: dict[str, list[LoadRun]] = {s.name: [] for s in loads}
-    probe_lines: list[str] = []
+    reports: dict[str, ProbeReport] = {}
     with Processes() as processes:
         stack = Stack(processes, options.workers)
         try:
@@ -176,34 +197,44 @@ def main() -> None:
                 for scenario in loads:
                     rounds[scenario.name].append(run_load(targets[scenario.name], stack, options))
             for probe in probes:
-                probe_lines += probe.run(stack, options)
+                reports[probe.name] = probe.run(stack, options)
         finally:
             stack.close()
 
+    medians = {name: _median(runs) for name, runs in rounds.items()}
+    verdicts: list[Verdict] = []
     if loads:
-        medians = {name: _median(runs) for name, runs in rounds.items()}
-        reference = medians.get(REFERENCE)
         print(
             f"wrk: {options.connections} connections, {options.duration_s}s x {options.rounds} "
-            f"rounds (medians); gateway workers: {options.workers}; "
-            f"ratio = req/s / {REFERENCE}" + ("" if reference else " (not run: no ratios)")
+            f"rounds (medians); workers per server: {options.workers}; ratios = req/s / "
+            f"{REFERENCE} (nginx) and / {HELLO}"
         )
-        for scenario in loads:
+    for scenario in LOAD_SCENARIOS:
+        selected_load = scenario.name in medians
+        if selected_load:
             run = medians[scenario.name]
-            is_reference = scenario.name == REFERENCE
-            print(_row(scenario.label, run.result, None if is_reference else _result(reference)))
+            print(_row(scenario.label, run.result, medians))
             if targets[scenario.name].gateway:
-                for line in _counter_lines(run.counters):
+                for line in counter_lines(run.counters):
                     print(line)
-            goal = _goal_line(scenario, medians)
-            if goal:
-                print(goal)
-    for line in probe_lines:
+        for goal in scenario.goals:
+            verdict = goal.verdict(scenario.name, medians, options)
+            verdicts.append(verdict)
+            if selected_load:
+                print(
+                    f"  goal: {verdict.name} {verdict.goal}: {verdict.measured}, "
+                    f"{met_text(verdict.met)}"
+                )
+    for probe in PROBES:
+        report = reports.get(probe.name)
+        if report is None:
+            verdicts += [goal.not_run() for goal in probe.goals]
+            continue
+        for line in report.lines:
+            print(line)
+        verdicts += report.verdicts
+    for line in _summary(verdicts):
         print(line)
-
-
-def _result(run: LoadRun | None) -> LoadResult | None:
-    return run.result if run else None
 
 
 if __name__ == "__main__":

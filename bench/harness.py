@@ -27,15 +27,9 @@ from typing import Any, cast
 
 import redis
 
+from bench.payload import PAYLOAD as PAYLOAD  # re-exported: the document nginx serves
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# A ~1 KB JSON document, the same for every server in the comparison.
-PAYLOAD = json.dumps(
-    {
-        "items": [
-            {"id": n, "name": f"item-{n}", "price": n * 1.25, "tags": ["a", "b"]} for n in range(14)
-        ]
-    }
-)
 
 
 def free_port() -> int:
@@ -69,6 +63,8 @@ class Processes:
     def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="proxy-app-bench-"))
         self._started: list[subprocess.Popen[bytes]] = []
+        # gunicorn master PID of each server started here (gateways, flask-hello), by URL.
+        self.master_pids: dict[str, int] = {}
 
     def __enter__(self) -> Processes:
         return self
@@ -197,10 +193,102 @@ http {{
             "LOG_LEVEL": "warning",
             **env,
         }
-        self.start([sys.executable, "-m", "proxy_app"], env=full_env, log=f"gateway-{port}.log")
+        process = self.start(
+            [sys.executable, "-m", "proxy_app"], env=full_env, log=f"gateway-{port}.log"
+        )
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health/live")
+        self.master_pids[url] = process.pid
         return url
+
+    def flask_hello(self, workers: int = 2) -> str:
+        """The bare Flask reference (``bench/hello_app.py``) under gunicorn with gevent workers."""
+        port = free_port()
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+        process = self.start(
+            [
+                sys.executable,
+                "-m",
+                "bench.hello_app",
+                "--port",
+                str(port),
+                "--workers",
+                str(workers),
+            ],
+            env=env,
+            log="flask-hello.log",
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/")
+        self.master_pids[url] = process.pid
+        return url
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessMemory:
+    """Memory of one process, from ``/proc/<pid>/status`` and ``/proc/<pid>/smaps_rollup``, in
+    bytes: RSS counts every resident page it maps, shared ones (copy-on-write pages a worker
+    still shares with the master) in full; PSS divides each shared page among its sharers."""
+
+    pid: int
+    rss: int
+    pss: int | None  # None when smaps_rollup cannot be read
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from the parent PID field of every ``/proc/<n>/stat``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def _kib_field(text: str, name: str) -> int | None:
+    match = re.search(rf"^{name}:\s+(\d+) kB$", text, re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def process_tree_memory(pid: int) -> list[ProcessMemory]:
+    """Memory of ``pid`` and all its descendants (a gunicorn master and its workers), master
+    first."""
+    pids = [pid]
+    pending = [pid]
+    while pending:
+        children = _children(pending.pop())
+        pids += children
+        pending += children
+    memory = []
+    for member in pids:
+        try:
+            status = Path(f"/proc/{member}/status").read_text()
+        except FileNotFoundError:
+            if member == pid:
+                raise
+            continue  # a worker that exited meanwhile
+        rss = _kib_field(status, "VmRSS")
+        if rss is None:  # a zombie: a worker that exited and was not reaped yet
+            if member == pid:
+                raise ValueError(f"no VmRSS for process {member}")
+            continue
+        try:
+            pss = _kib_field(Path(f"/proc/{member}/smaps_rollup").read_text(), "Pss")
+        except OSError:
+            pss = None
+        memory.append(ProcessMemory(member, rss, pss))
+    return memory
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,13 +1,16 @@
 """The scenarios ``python -m bench`` runs, in two tables.
 
 ``LOAD_SCENARIOS``: wrk loads, run in alternating rounds and reported as medians, each with its
-throughput ratio to the ``upstream`` scenario and, optionally, a goal relative to another load
-scenario. Adding one is one more row; e.g. a bare Flask hello reference (which the cache hit's
-goal names) would be ``LoadScenario("flask-hello", "bare Flask hello (2 workers)", prepare)``
-where ``prepare`` starts the app through the ``Stack`` and returns its ``Target``.
+throughput ratio to the ``upstream`` (nginx) and ``flask-hello`` (a bare Flask app under the same
+gunicorn/gevent set-up) scenarios and its goals: a throughput ratio to another load scenario, a
+p99 latency. Adding one is one more row.
 
 ``PROBES``: counted, sequential or one-shot measurements that run once after the loads and
-return their own labelled report lines (Redis commands per request, the stampede).
+return their own labelled report lines and goal verdicts (Redis commands per request, memory
+under load, the stampede on one and on two gateway instances).
+
+Every goal, load or probe, ends up as one ``Verdict`` (name, measured value, goal, met or not),
+which ``python -m bench`` prints in a final summary table.
 
 Every process a scenario needs is started through the ``Stack`` the first time it is asked for,
 so ``--only`` starts only what the chosen scenarios use.
@@ -30,10 +33,12 @@ import requests
 from bench.harness import (
     LoadResult,
     Processes,
+    ProcessMemory,
     RedisStats,
     RedisUsage,
     create_api_key,
     gateway_counters,
+    process_tree_memory,
     upstream_counts,
     wrk,
 )
@@ -53,8 +58,14 @@ CLIENT_TIMEOUT_S = 30.0
 # How the bench waits for a gateway's counters to stop moving after a load, seconds.
 SETTLE_INTERVAL_S = 0.25
 SETTLE_MAX_S = 10.0
-# The load scenario every other one's ratio is taken against.
+# The load scenarios every other one's throughput ratio is printed against: nginx alone, and a
+# bare Flask app under gunicorn/gevent (which the gateway's goals are stated against).
 REFERENCE = "upstream"
+HELLO = "flask-hello"
+# Redis commands whose cost grows with the number of keys in the database.
+KEY_SCALING_COMMANDS = ("scan", "keys")
+# Bytes per MB in the memory figures: MiB, as /proc (kB = KiB), ps and top count.
+MB = 1024 * 1024
 
 
 class BenchError(SystemExit):
@@ -69,6 +80,7 @@ class Options:
     rounds: int
     workers: int
     stampede: int
+    memory_s: int  # seconds of load before the memory probe reads the gateway's RSS
 
 
 class Stack:
@@ -122,6 +134,21 @@ class Stack:
         """A second gateway, in front of the slow upstream."""
         return self._gateway(self.slow_upstream)
 
+    @functools.cached_property
+    def slow_gateway_b(self) -> str:
+        """A third gateway, also in front of the slow upstream and sharing the same Redis: the
+        second instance of a scaled-out deployment."""
+        return self._gateway(self.slow_upstream)
+
+    @functools.cached_property
+    def flask_hello(self) -> str:
+        """The bare Flask reference app, with as many workers as each gateway."""
+        return self._processes.flask_hello(self.workers)
+
+    def master_pid(self, url: str) -> int:
+        """The gunicorn master PID of a gateway (or the hello app) started here."""
+        return self._processes.master_pids[url]
+
     def _gateway(self, upstream: str) -> str:
         env = {
             "HTTP_CLIENT_BASE_URL": upstream,
@@ -154,12 +181,92 @@ class Target:
 
 
 @dataclasses.dataclass(frozen=True)
-class Goal:
-    """Throughput of at least ``min_ratio`` times that of the load scenario ``reference``."""
+class Verdict:
+    """One goal's line in the summary: ``met`` None when it was not measured (``measured`` then
+    says why)."""
 
+    name: str
+    measured: str
+    goal: str
+    met: bool | None
+
+
+@dataclasses.dataclass(frozen=True)
+class GoalSpec:
+    """A goal a probe reports on, so that the summary can list it even when the probe did not
+    run."""
+
+    name: str
+    goal: str
+
+    def verdict(self, measured: str, met: bool) -> Verdict:
+        return Verdict(self.name, measured, self.goal, met)
+
+    def not_run(self, why: str = "not run") -> Verdict:
+        return Verdict(self.name, f"not measured ({why})", self.goal, None)
+
+
+def met_text(met: bool | None) -> str:
+    return {True: "met", False: "NOT met", None: "not measured"}[met]
+
+
+@dataclasses.dataclass(frozen=True)
+class RatioGoal:
+    """Throughput of at least ``min_ratio`` times that of the load scenario ``reference``; with
+    ``no_failures``, also no non-2xx answer and no socket error (timeout, reset) in any round."""
+
+    name: str
     min_ratio: float
     reference: str
-    description: str
+    no_failures: bool = False
+
+    def verdict(self, scenario: str, medians: Mapping[str, LoadRun], _options: Options) -> Verdict:
+        goal = f">= {self.min_ratio:.2f}x {self.reference} req/s" + (
+            ", 0 non-2xx" if self.no_failures else ""
+        )
+        for needed in (scenario, self.reference):
+            if needed not in medians:
+                return Verdict(self.name, f"not measured ({needed} not run)", goal, None)
+        result = medians[scenario].result
+        reference = medians[self.reference].result
+        ratio = result.requests_per_s / reference.requests_per_s
+        measured = (
+            f"{ratio:.2f}x ({result.requests_per_s:.0f} / {reference.requests_per_s:.0f} req/s)"
+        )
+        met = ratio >= self.min_ratio
+        if self.no_failures:
+            measured += f", non-2xx {result.non_2xx}, socket errors {result.errors}"
+            met = met and result.non_2xx == 0 and result.errors == 0
+        return Verdict(self.name, measured, goal, met)
+
+
+@dataclasses.dataclass(frozen=True)
+class P99Goal:
+    """The median over the rounds of wrk's p99 latency at most ``max_ms``, at ``connections``
+    connections (not measured at any other ``--connections``); the p99 of the load scenario
+    ``context`` is shown next to it when that ran."""
+
+    name: str
+    max_ms: float
+    connections: int
+    context: str | None = None
+
+    def verdict(self, scenario: str, medians: Mapping[str, LoadRun], options: Options) -> Verdict:
+        goal = f"<= {self.max_ms:.0f} ms at {self.connections} connections"
+        if scenario not in medians:
+            return Verdict(self.name, f"not measured ({scenario} not run)", goal, None)
+        if options.connections != self.connections:
+            why = f"run at {options.connections} connections"
+            return Verdict(self.name, f"not measured ({why})", goal, None)
+        p99 = medians[scenario].result.p99_ms
+        measured = f"{p99:.2f} ms"
+        context = medians.get(self.context) if self.context else None
+        if context is not None:
+            measured += f" ({self.context}: {context.result.p99_ms:.2f} ms)"
+        return Verdict(self.name, measured, goal, p99 <= self.max_ms)
+
+
+Goal = RatioGoal | P99Goal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +274,7 @@ class LoadScenario:
     name: str  # for --only
     label: str
     prepare: Callable[[Stack], Target]  # starts what it needs, warms up; runs once before rounds
-    goal: Goal | None = None
+    goals: tuple[Goal, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,14 +347,28 @@ def _prepare_upstream(stack: Stack) -> Target:
     return Target(url, stack.headers(url))
 
 
+def _prepare_flask_hello(stack: Stack) -> Target:
+    url = f"{stack.flask_hello}/hello"
+    return Target(url, stack.headers(url))
+
+
 LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
     LoadScenario(REFERENCE, "upstream (nginx) directly", _prepare_upstream),
-    LoadScenario("passthrough", "gateway pass-through (no-store)", _prepare_passthrough),
+    LoadScenario(HELLO, "bare Flask hello (gunicorn/gevent)", _prepare_flask_hello),
+    LoadScenario(
+        "passthrough",
+        "gateway keyed pass-through (no-store)",
+        _prepare_passthrough,
+        goals=(RatioGoal("keyed pass-through (no-store) req/s", 0.50, HELLO),),
+    ),
     LoadScenario(
         "hit",
-        "gateway cache hit (warmed)",
+        "gateway keyed cache hit (warmed)",
         _prepare_hit,
-        goal=Goal(0.80, "flask-hello", "a bare Flask hello app under gunicorn/gevent"),
+        goals=(
+            RatioGoal("keyed cache hit req/s", 0.80, HELLO, no_failures=True),
+            P99Goal("keyed cache hit p99 latency", 20.0, 50, context=HELLO),
+        ),
     ),
 )
 
@@ -256,9 +377,16 @@ LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
 
 
 @dataclasses.dataclass(frozen=True)
+class ProbeReport:
+    lines: list[str]
+    verdicts: list[Verdict]
+
+
+@dataclasses.dataclass(frozen=True)
 class Probe:
     name: str  # for --only
-    run: Callable[[Stack, Options], list[str]]  # the report lines
+    run: Callable[[Stack, Options], ProbeReport]  # the report lines and goal verdicts
+    goals: tuple[GoalSpec, ...] = ()  # every goal its verdicts may name
 
 
 def _per_request(
@@ -292,6 +420,14 @@ def _counted(stack: Stack, url: str, expected: str, count: int, *, warm: bool) -
     return usage
 
 
+REDIS_ROUND_TRIPS_GOAL = GoalSpec(
+    "redis round trips per keyed cache hit", "<= 1.00 on average (commands sent, MONITOR)"
+)
+REDIS_KEY_SCALING_GOAL = GoalSpec(
+    "redis calls scaling with key count", "0 SCAN/KEYS in the cache-hit window"
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class _CountedCase:
     label: str
@@ -299,15 +435,20 @@ class _CountedCase:
     expected: str  # the x-cache every counted answer must carry
     count: int
     warm: bool
-    goal: float | None = None  # most commands the gateway may send per request
+    goals: bool = False  # judge the round-trip and key-scaling goals on this case
 
 
 _REDIS_CASES = (
     _CountedCase(
-        "cache hit", "/api/v1/cacheable/redis-probe", "HIT", COUNTED_HITS, warm=True, goal=1.0
+        "keyed cache hit",
+        "/api/v1/cacheable/redis-probe",
+        "HIT",
+        COUNTED_HITS,
+        warm=True,
+        goals=True,
     ),
     _CountedCase(
-        "pass-through (no-store)",
+        "keyed pass-through (no-store)",
         "/api/v1/nostore/redis-probe",
         "BYPASS",
         COUNTED_PASS_THROUGHS,
@@ -316,23 +457,28 @@ _REDIS_CASES = (
 )
 
 
-def _redis_probe(stack: Stack, _options: Options) -> list[str]:
+def _redis_probe(stack: Stack, _options: Options) -> ProbeReport:
     lines = []
+    verdicts = []
     for case in _REDIS_CASES:
         n = case.count
         usage = _counted(stack, stack.gateway + case.path, case.expected, n, warm=case.warm)
         counts = usage.counts
         sent = sum(usage.sent.values())
-        verdict = ""
-        if case.goal is not None:
-            met = "met" if sent / n <= case.goal + 1e-9 else "NOT met"
-            verdict = f"   goal <= {case.goal:.2f} (one round trip): {met}"
+        round_trips = ""
+        if case.goals:
+            verdict = REDIS_ROUND_TRIPS_GOAL.verdict(
+                f"{sent / n:.2f} ({sent} commands sent in {n} hits)", sent / n <= 1.0 + 1e-9
+            )
+            verdicts.append(verdict)
+            round_trips = f"   goal {verdict.goal}: {met_text(verdict.met)}"
         lines += [
             f"redis commands per {case.label} (INFO commandstats, incl. inside scripts): "
             f"{counts.total / n:.2f}   [{n} sequential GETs, all 200 x-cache {case.expected}]",
             f"  by command, per request: {_per_request(counts.calls, n, counts.failed)}",
-            f"redis commands sent per {case.label} (MONITOR, not counting those scripts run): "
-            f"{sent / n:.2f}{verdict}",
+            f"redis commands sent per {case.label} = round trips (MONITOR, not counting those "
+            f"scripts run; pipelined commands count each, so an upper bound): "
+            f"{sent / n:.2f}{round_trips}",
             f"  by command, per request: {_per_request(usage.sent, n)}"
             + (f"; inside scripts: {_per_request(usage.scripted, n)}" if usage.scripted else ""),
         ]
@@ -341,20 +487,120 @@ def _redis_probe(stack: Stack, _options: Options) -> list[str]:
             lines.append(
                 f"  note: MONITOR saw {monitored} commands, commandstats counted {counts.total}"
             )
+        if case.goals:
+            scaling = {
+                name: usage.sent[name] + usage.scripted[name] for name in KEY_SCALING_COMMANDS
+            }
+            found = sum(scaling.values())
+            detail = " ".join(f"{name.upper()}={count}" for name, count in scaling.items())
+            verdict = REDIS_KEY_SCALING_GOAL.verdict(f"{found} ({detail} in {n} hits)", found == 0)
+            verdicts.append(verdict)
+            lines.append(
+                f"redis calls that scale with the number of keys during the {n} {case.label}s "
+                f"(MONITOR, sent or inside scripts): {detail}   goal 0: {met_text(verdict.met)}"
+            )
+    return ProbeReport(lines, verdicts)
+
+
+MEMORY_GOAL_MB = 150.0
+MEMORY_GOAL = GoalSpec(
+    "gateway memory (RSS, master + workers)", f"<= {MEMORY_GOAL_MB:.0f} MB after hit load"
+)
+
+
+def _mb(value: int) -> str:
+    return f"{value / MB:.1f}"
+
+
+def _memory_text(memory: list[ProcessMemory]) -> str:
+    rss = sum(m.rss for m in memory)
+    parts = " + ".join(_mb(m.rss) for m in memory)
+    pss = [m.pss for m in memory]
+    pss_text = f"; PSS {_mb(sum(p for p in pss if p is not None))} MB" if None not in pss else ""
+    return f"{_mb(rss)} MB (master + {len(memory) - 1} workers: {parts}{pss_text})"
+
+
+def _memory_probe(stack: Stack, options: Options) -> ProbeReport:
+    url = f"{stack.gateway}/api/v1/cacheable/memory-probe"
+    headers = stack.headers(url)
+    with _session(headers) as session:
+        _warm(session, url)
+    pid = stack.master_pid(stack.gateway)
+    before = process_tree_memory(pid)
+    counters_before = _settled_counters(stack, stack.gateway)
+    result = wrk(
+        url, duration_s=options.memory_s, connections=options.connections, headers=dict(headers)
+    )
+    after = process_tree_memory(pid)  # at once: the memory the load left
+    counters = _settled_counters(stack, stack.gateway) - counters_before
+    rss = sum(m.rss for m in after)
+    verdict = MEMORY_GOAL.verdict(
+        f"{_mb(rss)} MB after {options.memory_s} s", rss / MB <= MEMORY_GOAL_MB
+    )
+    lines = [
+        f"memory: {options.memory_s} s of wrk on the keyed cache hit ({options.connections} "
+        f"connections): {result.requests_per_s:.0f} req/s, p99 {result.p99_ms:.2f} ms, "
+        f"non-2xx {result.non_2xx}, errors {result.errors}",
+        *counter_lines(counters),
+        f"memory: gateway RSS before that load: {_memory_text(before)}",
+        f"memory: gateway RSS after that load:  {_memory_text(after)}   "
+        f"goal {verdict.goal}: {met_text(verdict.met)}   (1 MB = 2^20 bytes; "
+        f"{rss / 1e6:.1f} MB of 10^6 bytes)",
+    ]
+    if len(after) != 1 + stack.workers:
+        lines.append(f"  note: {len(after)} processes, expected 1 master + {stack.workers} workers")
+    if {m.pid for m in after} != {m.pid for m in before}:
+        lines.append("  note: the gateway's processes changed during the load (worker restarted?)")
+    return ProbeReport(lines, [verdict])
+
+
+def counter_lines(counters: Counter[str]) -> list[str]:
+    """The gateway's x-cache outcomes and Redis errors during a load."""
+    lines = []
+    for family in ("x-cache", "redis errors"):
+        counts = {
+            name.removeprefix(family + " "): count
+            for name, count in counters.items()
+            if name.startswith(family + " ") and count > 0
+        }
+        total = sum(counts.values())
+        parts = [f"{name}={n} ({n / total:.1%})" for name, n in sorted(counts.items())]
+        lines.append(f"  {family} during load: " + (", ".join(parts) or "none"))
     return lines
 
 
-def _stampede_probe(stack: Stack, options: Options) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class _StampedeGoals:
+    upstream_calls: GoalSpec
+    all_ok: GoalSpec
+
+
+def _stampede_goals(name: str) -> _StampedeGoals:
+    return _StampedeGoals(
+        GoalSpec(f"{name}: upstream calls", "exactly 1"),
+        GoalSpec(f"{name}: answers", "all 200"),
+    )
+
+
+STAMPEDE_GOALS = _stampede_goals("stampede (1 instance)")
+STAMPEDE_2_GOALS = _stampede_goals("stampede-2 (2 instances)")
+
+
+def _stampede(
+    stack: Stack, options: Options, gateways: list[str], name: str, goals: _StampedeGoals
+) -> ProbeReport:
+    """``options.stampede`` concurrent GETs of one cold key, spread evenly over ``gateways``
+    (all in front of the slow upstream, sharing one Redis)."""
     n = options.stampede
-    gateway = urllib.parse.urlsplit(stack.slow_gateway)
     upstream_path = f"/cacheable/stampede-{secrets.token_hex(6)}"
     path = f"/api/v1{upstream_path}"
-    headers = {**stack.headers(stack.slow_gateway + path), "Connection": "close"}
     barrier = threading.Barrier(n + 1, timeout=CLIENT_TIMEOUT_S)
-    answers: list[tuple[str, str]] = []  # (status, x-cache)
+    answers: list[tuple[int, str, str]] = []  # (instance, status, x-cache)
     answers_lock = threading.Lock()
 
-    def client() -> None:
+    def client(instance: int) -> None:
+        gateway = urllib.parse.urlsplit(gateways[instance])
+        headers = {**stack.headers(gateways[instance] + path), "Connection": "close"}
         answer = ("error", "-")
         connection = http.client.HTTPConnection(
             gateway.hostname or "127.0.0.1", gateway.port, timeout=CLIENT_TIMEOUT_S
@@ -373,10 +619,13 @@ def _stampede_probe(stack: Stack, options: Options) -> list[str]:
         finally:
             connection.close()
             with answers_lock:
-                answers.append(answer)
+                answers.append((instance, *answer))
 
     with stack.redis_stats.measure() as usage:
-        threads = [threading.Thread(target=client, daemon=True) for _ in range(n)]
+        threads = [
+            threading.Thread(target=client, args=(i % len(gateways),), daemon=True)
+            for i in range(n)
+        ]
         for thread in threads:
             thread.start()
         barrier.wait()
@@ -389,30 +638,59 @@ def _stampede_probe(stack: Stack, options: Options) -> list[str]:
         finished = list(answers)
     reached = upstream_counts(stack.slow_upstream).get(upstream_path, 0)
 
-    statuses = Counter(status for status, _ in finished)
+    statuses = Counter(status for _, status, _ in finished)
     unanswered = n - len(finished)
     if unanswered:
         statuses["unanswered"] = unanswered
-    outcomes = Counter(cache for _, cache in finished)
+    outcomes = Counter(cache for _, _, cache in finished)
     miss, hit = outcomes.pop("MISS", 0), outcomes.pop("HIT", 0)
     other = sum(outcomes.values()) + unanswered
     other_detail = f" ({_counter_text(outcomes)})" if outcomes else ""
-    return [
-        f"stampede: {n} concurrent GETs for one cold key (one connection each, Connection: close)"
-        f" -> gateway ({stack.workers} workers) -> upstream answering after "
+    calls = goals.upstream_calls.verdict(f"{reached}", reached == 1)
+    all_ok = statuses == Counter({"200": n})
+    ok = goals.all_ok.verdict(f"{statuses['200']}/{n} answered 200", all_ok)
+    per_instance = f"{n // len(gateways)}{'+' if n % len(gateways) else ''} requests each"
+    instances = (
+        f"one gateway ({stack.workers} workers)"
+        if len(gateways) == 1
+        else f"{len(gateways)} gateways (separate processes, {stack.workers} workers each, one "
+        f"Redis; {per_instance})"
+    )
+    lines = [
+        f"{name}: {n} concurrent GETs for one cold key (one connection each, Connection: close)"
+        f" -> {instances} -> upstream answering after "
         f"{SLOW_UPSTREAM_DELAY_S * 1000:.0f} ms",
-        f"stampede requests that reached the upstream: {reached}   goal = 1: "
-        f"{'met' if reached == 1 else 'NOT met'}",
-        f"stampede x-cache: MISS={miss} HIT={hit} other={other}{other_detail}   "
+        f"{name} requests that reached the upstream: {reached}   goal {calls.goal}: "
+        f"{met_text(calls.met)}",
+        f"{name} x-cache: MISS={miss} HIT={hit} other={other}{other_detail}   "
         f"(with full coalescing: MISS=1 HIT={n - 1})",
-        f"stampede statuses: {_counter_text(statuses)}   goal: all 200: "
-        f"{'met' if statuses == Counter({'200': n}) else 'NOT met'}",
-        f"stampede wall time (all sent -> last answer): {elapsed:.2f} s",
-        f"stampede redis commands sent by the gateway (MONITOR; total "
+    ]
+    if len(gateways) > 1:
+        for instance in range(len(gateways)):
+            mine = [(status, cache) for i, status, cache in finished if i == instance]
+            lines.append(
+                f"  instance {instance + 1}: x-cache "
+                f"{_counter_text(Counter(cache for _, cache in mine))}; statuses "
+                f"{_counter_text(Counter(status for status, _ in mine))}"
+            )
+    lines += [
+        f"{name} statuses: {_counter_text(statuses)}   goal {ok.goal}: {met_text(ok.met)}",
+        f"{name} wall time (all sent -> last answer): {elapsed:.2f} s",
+        f"{name} redis commands sent by the gateways (MONITOR; total "
         f"{sum(usage.sent.values())}): {_counter_text(usage.sent)}",
-        f"stampede redis commands run inside scripts (total {sum(usage.scripted.values())}): "
+        f"{name} redis commands run inside scripts (total {sum(usage.scripted.values())}): "
         f"{_counter_text(usage.scripted)}",
     ]
+    return ProbeReport(lines, [calls, ok])
+
+
+def _stampede_probe(stack: Stack, options: Options) -> ProbeReport:
+    return _stampede(stack, options, [stack.slow_gateway], "stampede", STAMPEDE_GOALS)
+
+
+def _stampede_2_probe(stack: Stack, options: Options) -> ProbeReport:
+    gateways = [stack.slow_gateway, stack.slow_gateway_b]
+    return _stampede(stack, options, gateways, "stampede-2", STAMPEDE_2_GOALS)
 
 
 def _counter_text(counter: Counter[str]) -> str:
@@ -420,8 +698,14 @@ def _counter_text(counter: Counter[str]) -> str:
 
 
 PROBES: tuple[Probe, ...] = (
-    Probe("redis", _redis_probe),
-    Probe("stampede", _stampede_probe),
+    Probe("redis", _redis_probe, (REDIS_ROUND_TRIPS_GOAL, REDIS_KEY_SCALING_GOAL)),
+    Probe("memory", _memory_probe, (MEMORY_GOAL,)),
+    Probe("stampede", _stampede_probe, (STAMPEDE_GOALS.upstream_calls, STAMPEDE_GOALS.all_ok)),
+    Probe(
+        "stampede-2",
+        _stampede_2_probe,
+        (STAMPEDE_2_GOALS.upstream_calls, STAMPEDE_2_GOALS.all_ok),
+    ),
 )
 
 SCENARIO_NAMES: tuple[str, ...] = tuple(s.name for s in LOAD_SCENARIOS) + tuple(

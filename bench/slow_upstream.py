@@ -15,7 +15,8 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from bench.harness import COUNTS_PATH, PAYLOAD
+from bench.harness import COUNTS_PATH
+from bench.payload import PAYLOAD
 
 
 class _Server(ThreadingHTTPServer):

@@ -10,12 +10,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import redis
 import redis.exceptions
+from redis.commands.core import Script
 
+from proxy_app.redis_pipeline import PipelinedConnection, PipelineError, ReplyError
 from proxy_app.settings import Settings, mask_url_password
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,7 @@ class RedisService:
         timeout_s = timeout_ms / 1000
         self.name = name
         self._on_error = on_error
+        injected = client
         self.url_for_logs = mask_url_password(url)
         if client is None:
             pool = redis.BlockingConnectionPool.from_url(
@@ -58,9 +61,22 @@ class RedisService:
             )
             client = redis.Redis(connection_pool=pool)
         self.client: redis.Redis = client
+        # Only for a real server: an injected client (tests) keeps every command on itself.
+        self._pipeline = (
+            PipelinedConnection(url, timeout_s)
+            if injected is None and PipelinedConnection.supports(url)
+            else None
+        )
         self._lock = threading.Lock()
         self._down_until = 0.0
         self._in_outage = False
+
+    def use_client(self, client: redis.Redis) -> None:
+        """Send every command through this client (tests inject fakeredis here)."""
+        if self._pipeline is not None:
+            self._pipeline.close()
+        self.client = client
+        self._pipeline = None
 
     @property
     def available(self) -> bool:
@@ -69,12 +85,44 @@ class RedisService:
 
     def call(self, operation: Callable[[redis.Redis], T]) -> T:
         """Run ``operation(client)``; raise RedisUnavailable fast during an outage."""
+        return self._guarded(lambda: operation(self.client))
+
+    def command(self, *args: Any) -> Any:
+        """One command, over the worker's shared pipelined connection when there is one."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return self.call(lambda client: client.execute_command(*args))  # type: ignore[no-untyped-call]
+        return self._guarded(lambda: pipeline.execute(*args))
+
+    def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA a registered script (loading it when Redis does not know it yet)."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return self.call(lambda client: script(keys=keys, args=args, client=client))
+
+        def evaluate() -> Any:
+            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            try:
+                return pipeline.execute(*command)
+            except ReplyError as exc:
+                if not str(exc).startswith("NOSCRIPT"):
+                    raise
+            pipeline.execute("SCRIPT", "LOAD", script.script)
+            return pipeline.execute(*command)
+
+        return self._guarded(evaluate)
+
+    def _guarded(self, attempt: Callable[[], T]) -> T:
         if not self.available:
             self._on_error(self.name)
             raise RedisUnavailable(f"{self.name} is unavailable")
         try:
-            result = operation(self.client)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            result = attempt()
+        except (
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            PipelineError,
+        ) as exc:
             self._record_failure(exc)
             raise RedisUnavailable(f"{self.name} is unavailable") from exc
         except redis.exceptions.BusyLoadingError as exc:
@@ -86,6 +134,7 @@ class RedisService:
             redis.exceptions.MasterDownError,
             redis.exceptions.AuthenticationError,
             redis.exceptions.NoPermissionError,
+            ReplyError,
         ) as exc:
             # The server answers but refuses this command: fail it, without declaring an
             # outage that would short-circuit the commands it still serves.
@@ -102,6 +151,8 @@ class RedisService:
             return False
 
     def close(self) -> None:
+        if self._pipeline is not None:
+            self._pipeline.close()
         self.client.close()
 
     def _record_failure(self, exc: Exception) -> None:

@@ -77,7 +77,7 @@ def fake_redis_app(**overrides: Any) -> Flask:
     application.config["TESTING"] = True
     fake = fakeredis.FakeRedis()
     for service in application.extensions["proxy_app.redis"].services():
-        service.client = fake
+        service.use_client(fake)
     return application
 
 

@@ -49,7 +49,7 @@ class AccessGate:
         if prefetch is not None:
             keys.append(prefetch)
         args: list[str | int] = [hash_key(raw_key), self.policy.limit, self.policy.window_ms]
-        reply = self.redis.call(lambda client: self._script(keys=keys, args=args, client=client))
+        reply = self.redis.run_script(self._script, keys, args)
         outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
         if outcome not in ("ok", "limited"):
             return AccessDecision(outcome)

@@ -156,7 +156,7 @@ class CacheService:
 
     def get(self, key: str) -> Stored | None:
         """The stored entry (fresh, stale or only kept for revalidation), or None."""
-        blob = self._redis(lambda client: client.get(key))
+        blob = self.redis.command("GET", key)
         return decode(blob) if blob else None
 
     def set(

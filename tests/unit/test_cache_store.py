@@ -12,7 +12,6 @@ import pytest
 from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Stored
 from proxy_app.redis import RedisService
 from tests.support.net import free_port
-from tests.support.redis_server import RedisServer
 
 MakeRedis = Callable[[], RedisService]
 
@@ -30,14 +29,17 @@ def make_redis(request: pytest.FixtureRequest) -> Iterator[MakeRedis]:
 
         yield fake
     else:
-        redis_server: RedisServer = request.getfixturevalue("redis_server")
+        request.getfixturevalue("redis_server")
         url = request.getfixturevalue("redis_url")
+        opened: list[RedisService] = []
 
         def real() -> RedisService:
-            return RedisService(url, timeout_ms=500)
+            opened.append(RedisService(url, timeout_ms=500))
+            return opened[-1]
 
         yield real
-        del redis_server
+        for service in opened:
+            service.close()
 
 
 class Spawned:
