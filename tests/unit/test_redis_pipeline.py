@@ -1,0 +1,104 @@
+"""The shared pipelined Redis connection, against a real redis-server."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from proxy_app.redis import RedisService, RedisUnavailable
+from proxy_app.redis_pipeline import PipelinedConnection, PipelineError, PipelineTimeout
+from tests.support.redis_server import RedisServer
+
+# Keeps Redis busy for a few hundred milliseconds.
+SPIN = "local n = 0 for i = 1, 20000000 do n = n + i end return 'done'"
+
+
+@pytest.fixture
+def connection(redis_url: str) -> Iterator[PipelinedConnection]:
+    pipelined = PipelinedConnection(redis_url, timeout_s=2)
+    yield pipelined
+    pipelined.close()
+
+
+def test_concurrent_commands_each_get_their_own_reply(connection: PipelinedConnection) -> None:
+    failures: list[str] = []
+
+    def worker(n: int) -> None:
+        for i in range(50):
+            connection.execute("SET", f"k{n}:{i}", f"v{n}:{i}")
+            got = connection.execute("GET", f"k{n}:{i}")
+            if got != f"v{n}:{i}".encode():
+                failures.append(f"{n}:{i} got {got!r}")
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert failures == []
+
+
+def test_a_late_reply_does_not_shift_the_replies_after_it(
+    connection: PipelinedConnection, redis_url: str
+) -> None:
+    slow = PipelinedConnection(redis_url, timeout_s=0.1)
+    try:
+        slow.execute("SET", "late", "1")
+        with pytest.raises(PipelineTimeout):
+            slow.execute("EVAL", SPIN, 0)
+        assert slow.execute("GET", "late") == b"1"
+    finally:
+        slow.close()
+
+
+def test_the_database_in_the_url_is_selected(redis_server: RedisServer) -> None:
+    url = f"redis://127.0.0.1:{redis_server.port}/3"
+    pipelined = PipelinedConnection(url, timeout_s=2)
+    try:
+        pipelined.execute("SET", "in-db-3", "yes")
+        with (
+            redis.Redis(port=redis_server.port, db=3) as db3,
+            redis.Redis(port=redis_server.port, db=0) as db0,
+        ):
+            assert db3.get("in-db-3") == b"yes"
+            assert db0.get("in-db-3") is None
+    finally:
+        pipelined.close()
+
+
+def test_a_restarted_redis_fails_pending_work_then_reconnects(
+    connection: PipelinedConnection, redis_server: RedisServer
+) -> None:
+    assert connection.execute("PING") == b"PONG"
+    redis_server.stop()
+    redis_server.start()
+    with pytest.raises(PipelineError):
+        connection.execute("PING")  # on the connection the old server dropped
+    assert connection.execute("PING") == b"PONG"
+
+
+def test_scripts_are_loaded_when_redis_does_not_know_them(redis_url: str) -> None:
+    service = RedisService(redis_url, timeout_ms=1000)
+    try:
+        script = service.client.register_script("return ARGV[1] .. KEYS[1]")
+        service.client.script_flush()
+        assert service.run_script(script, ["k"], ["v"]) == b"vk"
+        assert service.run_script(script, ["k2"], ["w"]) == b"wk2"
+    finally:
+        service.close()
+
+
+def test_service_reports_unavailable_when_nothing_listens() -> None:
+    from tests.support.net import free_port
+
+    service = RedisService(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=100)
+    try:
+        with pytest.raises(RedisUnavailable):
+            service.command("GET", "x")
+        with pytest.raises(RedisUnavailable):  # short-circuited now, without a connect
+            service.command("GET", "x")
+    finally:
+        service.close()
