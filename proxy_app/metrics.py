@@ -7,6 +7,8 @@ module, every worker writes its samples there, and the exposition merges them. W
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -27,6 +29,8 @@ class Metrics:
 
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self._multiprocess_dir = multiprocess_dir
+        self._request_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        self._outcome_children: dict[str, Any] = {}
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.requests = Counter(
@@ -78,6 +82,25 @@ class Metrics:
             ["redis"],
             registry=registry,
         )
+
+    def observe_request(self, route: str, method: str, status: int, duration_s: float) -> None:
+        """Count one answered request and its latency (the labelled children are looked up
+        once per combination: ``labels()`` takes a lock and builds a key every call)."""
+        key = (route, method, status)
+        children = self._request_children.get(key)
+        if children is None:
+            children = self._request_children[key] = (
+                self.requests.labels(route, method, str(status)),
+                self.request_latency.labels(route),
+            )
+        children[0].inc()
+        children[1].observe(duration_s)
+
+    def count_cache_outcome(self, outcome: str) -> None:
+        child = self._outcome_children.get(outcome)
+        if child is None:
+            child = self._outcome_children[outcome] = self.cache_outcomes.labels(outcome)
+        child.inc()
 
     def count_redis_error(self, redis_name: str) -> None:
         self.redis_errors.labels(redis_name).inc()

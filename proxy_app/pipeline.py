@@ -37,9 +37,7 @@ def _finish_request(response: Response) -> Response:
     response.headers[REQUEST_ID_HEADER] = g.request_id
     duration_s = time.perf_counter() - g.started
     group = route_group(request.path)
-    metrics = services.metrics()
-    metrics.requests.labels(group, request.method, str(response.status_code)).inc()
-    metrics.request_latency.labels(group).observe(duration_s)
+    services.metrics().observe_request(group, request.method, response.status_code, duration_s)
     level = logging.DEBUG if group == "health" else logging.INFO
     if log.isEnabledFor(level):
         fields: dict[str, object] = {

@@ -52,6 +52,7 @@ class ProxyRequest:
     refusal: BadRequest | None
     query: str
     forwarded: dict[str, str]
+    client_header_names: list[str]
 
 
 def plan_request() -> None:
@@ -65,11 +66,12 @@ def plan_request() -> None:
         refusal = None
     except BadRequest as exc:
         target, refusal = None, exc
-    g.proxy_request = ProxyRequest(target, refusal, raw_query, forwarded)
+    names = list(request.headers.keys())
+    g.proxy_request = ProxyRequest(target, refusal, raw_query, forwarded, names)
     redis = services.redis()
     if target is not None and request.method in ("GET", "HEAD") and redis.keys is redis.cache:
         g.cache_prefetch_key = services.proxy_cache().lookup_key(
-            target, raw_query, forwarded, list(request.headers.keys())
+            target, raw_query, forwarded, names
         )
 
 
@@ -96,7 +98,7 @@ def proxy(path: str) -> Response:
                 target,
                 raw_query,
                 headers,
-                list(request.headers.keys()),
+                planned.client_header_names,
                 g.get("cache_prefetched"),
             )
         else:
@@ -151,7 +153,7 @@ def client_response(served: Served) -> Response:
     if served.upstream is not None:
         g.upstream_status = served.upstream.status
         g.upstream_ms = round(served.upstream.elapsed_ms, 2)
-    services.metrics().cache_outcomes.labels(served.outcome.value).inc()
+    services.metrics().count_cache_outcome(served.outcome.value)
     return response
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -103,8 +104,15 @@ def request_target(path: str, query: str) -> str:
 
 
 def variant_id(headers: Mapping[str, str]) -> str:
+    return _variant_id(tuple(headers.get(name) for name in VARIANT_HEADERS))
+
+
+@functools.lru_cache(maxsize=4096)
+def _variant_id(values: tuple[str | None, ...]) -> str:
+    # Clients send few distinct combinations: hash each once per worker, not once per request.
     material = "\n".join(
-        f"{name}:{normalize_variant_value(name, headers.get(name))}" for name in VARIANT_HEADERS
+        f"{name}:{normalize_variant_value(name, value)}"
+        for name, value in zip(VARIANT_HEADERS, values, strict=True)
     )
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 

@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.02
 # After a load whose result was not stored, waiters elsewhere are told so for this long.
 PASS_MARKER_TTL_MS = 1000
+# Keys this worker remembers as uncacheable, at most.
+PASS_MEMORY_SIZE = 10_000
 _PASS = b"pass"
 # Keys SCAN looks at per step, and keys one UNLINK removes at most.
 SCAN_COUNT = 1000
@@ -146,6 +148,8 @@ class CacheService:
         self._lock_ms = int(self.wait_s * 1000) + 1000
         self._spawn = spawn
         self._flights: dict[str, _Flight] = {}
+        # Keys whose last answer was not cacheable, and until when to believe that.
+        self._passes: dict[str, float] = {}
         self._flights_lock = threading.Lock()
         client = redis.client
         self._store_script = client.register_script(_lua("cache_store.lua"))
@@ -254,6 +258,10 @@ class CacheService:
                 if time.time() < stored.error_until:
                     return Result(stored.value, Outcome.STALE, stored)
                 raise
+        if self._passed_recently(key):
+            # Its last answer was not cacheable: fetch straight away, as that answer's marker
+            # would tell us anyway (one Redis round trip saved per uncacheable request).
+            return self._load_and_store(key, loader, None, index)
         return self._load_coalesced(key, loader, None, index, usable)
 
     def _load_coalesced(
@@ -349,6 +357,7 @@ class CacheService:
     ) -> Result:
         loaded = loader(previous)
         if not loaded.store:
+            self._remember_pass(key)
             return Result(loaded.value, Outcome.BYPASS)
         try:
             stored = self.set(
@@ -364,6 +373,20 @@ class CacheService:
             return Result(loaded.value, Outcome.BYPASS)
         outcome = Outcome.REVALIDATED if loaded.revalidated else Outcome.MISS
         return Result(loaded.value, outcome, stored)
+
+    def _remember_pass(self, key: str) -> None:
+        if len(self._passes) >= PASS_MEMORY_SIZE:
+            self._passes.clear()  # crude but bounded; forgetting only costs a round trip
+        self._passes[key] = time.monotonic() + PASS_MARKER_TTL_MS / 1000
+
+    def _passed_recently(self, key: str) -> bool:
+        until = self._passes.get(key)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        self._passes.pop(key, None)
+        return False
 
     def _release(self, lock: str, token: str, stored: bool) -> None:
         # Without Redis the lock simply expires.

@@ -267,3 +267,16 @@ def test_after_an_uncacheable_load_the_next_miss_does_not_wait(
     # No poll interval was slept: 20 sequential misses well under 20 x 20 ms.
     assert time.monotonic() - started < 0.3
     assert loader.calls == 20
+
+
+def test_an_uncacheable_key_skips_the_lock_for_a_while(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    cache = make_cache(make_redis(), spawned)
+    loader = CountingLoader(Load(b"private", store=False))
+    assert cache.wrap("k", loader).outcome is Outcome.BYPASS
+    cache.redis.client.delete("proxy:lock:k")
+    assert cache.wrap("k", loader).outcome is Outcome.BYPASS
+    assert loader.calls == 2
+    # No lock was taken (taking and releasing it would have left a "pass" marker).
+    assert not cache.redis.client.exists("proxy:lock:k")
