@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response
 from werkzeug.exceptions import HTTPException
+
+from proxy_app.responses import json_response
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +85,7 @@ def error_response(
     headers: dict[str, str] | None = None,
     **details: Any,
 ) -> Response:
-    response = jsonify({"error": code, "message": message, **details})
-    response.status_code = status
-    response.headers["cache-control"] = "no-store"
+    response = json_response({"error": code, "message": message, **details}, status)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
 from proxy_app import services
@@ -14,6 +14,7 @@ from proxy_app.audit import audit
 from proxy_app.cache import policy
 from proxy_app.errors import ServiceUnavailable
 from proxy_app.redis import RedisUnavailable
+from proxy_app.responses import json_response
 from proxy_app.settings import strip_gateway_prefix
 from proxy_app.validation import load_json_body
 
@@ -91,8 +92,6 @@ def invalidate() -> Response:
         path=body["path"],
         path_prefix=body["pathPrefix"],
     )
-    response = jsonify(
+    return json_response(
         {"ok": True, "scope": scope, "dryRun": dry_run, "matched": matched, "deleted": deleted}
     )
-    response.headers["cache-control"] = "no-store"
-    return response

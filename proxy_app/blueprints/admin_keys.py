@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
 from proxy_app import services
@@ -13,6 +13,7 @@ from proxy_app.admin_auth import require_admin_token
 from proxy_app.audit import audit
 from proxy_app.errors import NotFound, ServiceUnavailable
 from proxy_app.redis import RedisUnavailable
+from proxy_app.responses import json_response as _json
 from proxy_app.validation import load_json_body
 
 bp = Blueprint("admin_keys", __name__, url_prefix="/internal/api-keys")
@@ -44,13 +45,6 @@ class CreateKeySchema(Schema):
 
 
 _CREATE = CreateKeySchema()
-
-
-def _json(body: object, status: int = 200) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    response.headers["cache-control"] = "no-store"
-    return response
 
 
 def _unavailable() -> ServiceUnavailable:

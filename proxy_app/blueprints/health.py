@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response
 
 from proxy_app import services
+from proxy_app.responses import json_response as _json
 
 bp = Blueprint("health", __name__, url_prefix="/health")
-
-
-def _json(body: dict[str, object], status: int = 200) -> Response:
-    response = jsonify(body)
-    response.status_code = status
-    response.headers["cache-control"] = "no-store"
-    return response
 
 
 @bp.get("")

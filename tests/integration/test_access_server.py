@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 
@@ -10,6 +9,7 @@ import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.support.concurrency import in_parallel
 from tests.support.gateway import Gateway
 from tests.support.redis_server import RedisServer
 from tests.support.stub_upstream import Reply, StubUpstream
@@ -25,25 +25,6 @@ def fresh_connection_get(gateway: Gateway, path: str, key: str) -> requests.Resp
     return requests.get(
         f"{gateway.url}{path}", headers={"x-api-key": key, "Connection": "close"}, timeout=10
     )
-
-
-def concurrently(count: int, call: Callable[[], requests.Response]) -> list[requests.Response]:
-    answers: list[requests.Response] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(count)
-
-    def run() -> None:
-        barrier.wait(timeout=20)
-        answer = call()
-        with lock:
-            answers.append(answer)
-
-    threads = [threading.Thread(target=run) for _ in range(count)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return answers
 
 
 def test_revocation_and_deletion_apply_to_the_very_next_request_on_every_worker(
@@ -84,7 +65,7 @@ def test_rate_limit_is_exact_under_concurrency_across_workers(
         with_key=False,
     )
     key = gateway.create_key(ADMIN_TOKEN)["apiKey"]
-    answers = concurrently(200, lambda: fresh_connection_get(gateway, "/api/v1/x", key))
+    answers = in_parallel([lambda: fresh_connection_get(gateway, "/api/v1/x", key)] * 200)
     statuses = [a.status_code for a in answers]
     assert statuses.count(200) == 50
     assert statuses.count(429) == 150

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable
 from email.utils import formatdate
@@ -10,6 +9,7 @@ from email.utils import formatdate
 import pytest
 import requests
 
+from tests.support.concurrency import in_parallel
 from tests.support.gateway import Gateway
 from tests.support.redis_server import RedisServer
 from tests.support.stub_upstream import Reply, StubUpstream
@@ -279,26 +279,16 @@ def test_concurrent_requests_for_a_cold_key_reach_upstream_once(
         Reply(body=b'{"cold": true}', headers=(JSON, ("cache-control", "max-age=60")), delay_s=0.5),
     )
     gateway = gateway_for(start_gateway, stub, WEB_CONCURRENCY=str(workers))
-    answers: list[requests.Response] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(50)
 
-    def fetch() -> None:
-        barrier.wait(timeout=10)
+    def fetch() -> requests.Response:
         # A connection each, so the requests spread over the workers.
-        response = requests.get(
+        return requests.get(
             f"{gateway.url}/api/v1/cold",
             timeout=15,
             headers=gateway.key_headers({"Connection": "close"}),
         )
-        with lock:
-            answers.append(response)
 
-    threads = [threading.Thread(target=fetch) for _ in range(50)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
+    answers = in_parallel([fetch] * 50)
     assert len(answers) == 50
     assert {a.status_code for a in answers} == {200}
     assert {a.content for a in answers} == {b'{"cold": true}'}

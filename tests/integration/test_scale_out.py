@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Callable
 
 import pytest
 import requests
 
 from tests.conftest import ADMIN_TOKEN
+from tests.support.concurrency import in_parallel
 from tests.support.gateway import Gateway
 from tests.support.stub_upstream import Reply, StubUpstream
 
@@ -37,25 +37,6 @@ def spread(
 ) -> list[Callable[[], requests.Response]]:
     """``count`` calls of ``path``, alternating between the instances."""
     return [functools.partial(get, instances[n % 2], path, key) for n in range(count)]
-
-
-def in_parallel(calls: list[Callable[[], requests.Response]]) -> list[requests.Response]:
-    answers: list[requests.Response] = []
-    lock = threading.Lock()
-    barrier = threading.Barrier(len(calls))
-
-    def run(call: Callable[[], requests.Response]) -> None:
-        barrier.wait(timeout=20)
-        answer = call()
-        with lock:
-            answers.append(answer)
-
-    threads = [threading.Thread(target=run, args=(call,)) for call in calls]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=60)
-    return answers
 
 
 def test_the_rate_limit_is_exact_in_total_not_per_instance(

@@ -13,7 +13,7 @@ from proxy_app.redis_pipeline import PipelinedConnection, PipelineError, Pipelin
 from tests.support.redis_server import RedisServer
 
 # Keeps Redis busy for a few hundred milliseconds.
-SPIN = "local n = 0 for i = 1, 20000000 do n = n + i end return 'done'"
+SPIN = "local n = 0 for i = 1, 30000000 do n = n + i end return 'done'"
 
 
 @pytest.fixture
@@ -44,11 +44,15 @@ def test_concurrent_commands_each_get_their_own_reply(connection: PipelinedConne
 def test_a_late_reply_does_not_shift_the_replies_after_it(
     connection: PipelinedConnection, redis_url: str
 ) -> None:
-    slow = PipelinedConnection(redis_url, timeout_s=0.1)
+    slow = PipelinedConnection(redis_url, timeout_s=0.05)
     try:
         slow.execute("SET", "late", "1")
         with pytest.raises(PipelineTimeout):
             slow.execute("EVAL", SPIN, 0)
+        # Wait until Redis has finished the script (a plain client blocks meanwhile).
+        with redis.Redis.from_url(redis_url, socket_timeout=10) as plain:
+            assert plain.ping()
+        # The script's late reply went to the abandoned caller, not to this one.
         assert slow.execute("GET", "late") == b"1"
     finally:
         slow.close()
