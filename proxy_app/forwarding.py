@@ -4,6 +4,7 @@ and the response headers allowed back."""
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable
 from urllib.parse import unquote_to_bytes, urlsplit
 
@@ -65,6 +66,8 @@ PASSED_RESPONSE_HEADERS = frozenset(
 )
 
 _SCHEME_PREFIX = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:[/\\]")
+_PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
+_UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 # Enough decoding rounds to see through double and triple encoding; deeper nesting is refused.
 _MAX_DECODE_ROUNDS = 4
 
@@ -88,7 +91,21 @@ def upstream_path(raw_path: str, raw_query: str) -> str:
     problem = path_problem(path) or _query_problem(raw_query)
     if problem:
         raise BadRequest(f"The path was refused: {problem}.", code="invalid_path")
-    return path
+    return normalize_percent_encoding(path)
+
+
+def normalize_percent_encoding(text: str) -> str:
+    """RFC 3986 normalisation: percent-encoded unreserved characters decoded, other escapes in
+    upper case. Equivalent forms then share a cache entry and meet the same bypass rules, and
+    the upstream gets what the HTTP client would send anyway."""
+    if "%" not in text:
+        return text
+    return _PERCENT_ESCAPE.sub(_normalized_escape, text)
+
+
+def _normalized_escape(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
 
 
 def path_problem(path: str) -> str | None:

@@ -16,6 +16,9 @@ log = logging.getLogger("proxy_app.access")
 
 REQUEST_ID_HEADER = "x-request-id"
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Metric labels take these methods as they are and any other as OTHER: clients choose the method,
+# and every distinct label value is a new time series.
+_METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 def route_group(path: str) -> str:
@@ -37,7 +40,8 @@ def _finish_request(response: Response) -> Response:
     response.headers[REQUEST_ID_HEADER] = g.request_id
     duration_s = time.perf_counter() - g.started
     group = route_group(request.path)
-    services.metrics().observe_request(group, request.method, response.status_code, duration_s)
+    method = request.method if request.method in _METHOD_LABELS else "OTHER"
+    services.metrics().observe_request(group, method, response.status_code, duration_s)
     level = logging.DEBUG if group == "health" else logging.INFO
     if log.isEnabledFor(level):
         fields: dict[str, object] = {

@@ -3,8 +3,9 @@
 Commands are written as they come and their replies matched to them in order (Redis answers in
 order), so concurrent requests share one connection and its round trips instead of each taking
 a pooled connection and paying for its checks. A caller waits at most the timeout for its reply;
-a late reply is still consumed in turn, so the connection never loses its place. A broken
-connection fails every pending command and is replaced on the next one.
+a late reply is still consumed in turn, so the connection never loses its place. Each socket has
+its own queue of waiters: when one breaks, only its own pending commands fail, and the next
+command opens a new socket whose replies can never be mistaken for the old one's.
 """
 
 from __future__ import annotations
@@ -42,6 +43,17 @@ class _Waiter:
         self.error: BaseException | None = None
 
 
+class _Link:
+    """One socket and the commands written to it that still await their replies."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.waiters: collections.deque[_Waiter] = collections.deque()
+        self.reading = False
+        self.broken = False
+
+
 class PipelinedConnection:
     def __init__(self, url: str, timeout_s: float) -> None:
         options = parse_url(url)  # type: ignore[no-untyped-call]
@@ -58,10 +70,10 @@ class PipelinedConnection:
         if int(options.get("db", 0)):
             self._setup.append(("SELECT", int(options["db"])))
         self.timeout_s = timeout_s
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._waiters: collections.deque[_Waiter] = collections.deque()
-        self._reading = False
+        self._link: _Link | None = None
+        # Held only while connecting: one connect at a time, and nobody waits for it longer
+        # than the timeout.
+        self._connecting = threading.Lock()
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -73,17 +85,21 @@ class PipelinedConnection:
         ReplyError."""
         payload = hiredis.pack_command(args)
         waiter = _Waiter()
-        with self._lock:
-            sock = self._sock or self._connect()
-            self._waiters.append(waiter)
+        link = self._link or self._connect()
+        if link.broken:  # it broke since we looked: nothing was written yet, use a new one
+            link = self._connect()
+        with link.lock:
+            if link.broken:
+                raise PipelineError("the Redis connection was lost")
+            link.waiters.append(waiter)
             try:
-                sock.sendall(payload)
+                link.sock.sendall(payload)
             except OSError as exc:
-                self._fail_all(sock, exc)
+                self._break(link, exc)
                 raise PipelineError(f"writing to Redis failed: {exc}") from exc
-            if not self._reading:
-                self._reading = True
-                threading.Thread(target=self._read_replies, args=(sock,), daemon=True).start()
+            if not link.reading:
+                link.reading = True
+                threading.Thread(target=self._read_replies, args=(link,), daemon=True).start()
         if not waiter.done.wait(self.timeout_s):
             raise PipelineTimeout("Redis did not answer in time")
         if waiter.error is not None:
@@ -93,13 +109,26 @@ class PipelinedConnection:
         return waiter.reply
 
     def close(self) -> None:
-        with self._lock:
-            if self._sock is not None:
-                self._fail_all(self._sock, ConnectionError("closed"))
+        link = self._link
+        if link is not None:
+            with link.lock:
+                self._break(link, ConnectionError("closed"))
 
-    # --- internals (called with the lock held, except the reader) ------------------------------
+    # --- internals ---------------------------------------------------------------------------
 
-    def _connect(self) -> socket.socket:
+    def _connect(self) -> _Link:
+        if not self._connecting.acquire(timeout=self.timeout_s):
+            raise PipelineTimeout("connecting to Redis is taking too long")
+        try:
+            if self._link is not None:  # somebody else connected meanwhile
+                return self._link
+            self._link = _Link(self._open_socket())
+            return self._link
+        finally:
+            self._connecting.release()
+
+    def _open_socket(self) -> socket.socket:
+        sock: socket.socket | None = None
         try:
             if isinstance(self._address, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,49 +142,50 @@ class PipelinedConnection:
                 sock.sendall(hiredis.pack_command(command))
                 reply = _read_one(sock, reader)
                 if isinstance(reply, hiredis.ReplyError):
-                    sock.close()
                     raise PipelineError(f"Redis refused {command[0]}: {reply}")
-        except OSError as exc:
+        except (OSError, hiredis.ProtocolError, PipelineError) as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, PipelineError):
+                raise
             raise PipelineError(f"connecting to Redis failed: {exc}") from exc
-        self._sock = sock
         return sock
 
-    def _read_replies(self, sock: socket.socket) -> None:
-        """Runs while commands are pending: hands each reply to its waiter, in order."""
+    def _read_replies(self, link: _Link) -> None:
+        """Runs while commands are pending on this link: hands each reply to its waiter."""
         reader = hiredis.Reader()
-        while True:
-            with self._lock:
-                if not self._waiters or self._sock is not sock:
-                    self._reading = False
-                    return
-            try:
-                data = sock.recv(READ_SIZE)
-            except TimeoutError:
-                continue  # nothing yet; the waiters keep their own time limits
-            except OSError as exc:
-                with self._lock:
-                    self._fail_all(sock, exc)
-                    self._reading = False
-                return
-            if not data:
-                with self._lock:
-                    self._fail_all(sock, ConnectionError("Redis closed the connection"))
-                    self._reading = False
-                return
-            reader.feed(data)
-            while (reply := reader.gets()) is not False:
-                with self._lock:
-                    waiter = self._waiters.popleft() if self._waiters else None
-                if waiter is not None:
-                    waiter.reply = reply
-                    waiter.done.set()
+        try:
+            while True:
+                with link.lock:
+                    if not link.waiters or link.broken:
+                        link.reading = False
+                        return
+                try:
+                    data = link.sock.recv(READ_SIZE)
+                except TimeoutError:
+                    continue  # nothing yet; the waiters keep their own time limits
+                if not data:
+                    raise ConnectionError("Redis closed the connection")
+                reader.feed(data)
+                while (reply := reader.gets()) is not False:
+                    with link.lock:
+                        waiter = link.waiters.popleft() if link.waiters else None
+                    if waiter is not None:
+                        waiter.reply = reply
+                        waiter.done.set()
+        except Exception as exc:  # whatever broke the stream, this link is done
+            with link.lock:
+                self._break(link, exc)
+                link.reading = False
 
-    def _fail_all(self, sock: socket.socket, error: BaseException) -> None:
-        if self._sock is sock:
-            self._sock = None
-        sock.close()
-        while self._waiters:
-            waiter = self._waiters.popleft()
+    def _break(self, link: _Link, error: BaseException) -> None:
+        """With ``link.lock`` held: close the link and fail the commands waiting on it."""
+        link.broken = True
+        if self._link is link:
+            self._link = None
+        link.sock.close()
+        while link.waiters:
+            waiter = link.waiters.popleft()
             waiter.error = error
             waiter.done.set()
 

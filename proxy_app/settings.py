@@ -249,13 +249,25 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     return settings
 
 
+def _shown_value(env: str, value: str, *, secret: bool) -> str:
+    """A bad value as the error line shows it: secrets hidden, URL credentials masked."""
+    if secret:
+        return "(hidden)"
+    if env.endswith("_URL") and "@" in value:
+        try:
+            return repr(mask_url_password(value))
+        except ValueError:
+            return "(hidden: it holds credentials)"
+    return repr(value)
+
+
 def _describe(messages: dict[str, Any], raw: Mapping[str, str]) -> list[str]:
     problems = []
     for env in sorted(messages):
         field = _FIELDS_BY_ENV[env]
         reasons = messages[env]
         reason = "; ".join(str(r) for r in reasons) if isinstance(reasons, list) else str(reasons)
-        shown = "(hidden)" if field.metadata.get("secret") else repr(raw.get(env, ""))
+        shown = _shown_value(env, raw.get(env, ""), secret=bool(field.metadata.get("secret")))
         problems.append(f"{env}={shown}: {reason} (expected {field.metadata['expected']})")
     return problems
 

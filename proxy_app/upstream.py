@@ -196,7 +196,9 @@ class UpstreamClient:
         sent_headers = dict(headers or {})
         if self._api_key:
             sent_headers["api_key"] = self._api_key
-        session = self._retrying if method in RETRYABLE_METHODS else self._single_attempt
+        # A body is never sent twice, whatever the method.
+        retryable = method in RETRYABLE_METHODS and not body
+        session = self._retrying if retryable else self._single_attempt
         started = time.perf_counter()
         try:
             response = session.request(

@@ -17,6 +17,7 @@ from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
 from proxy_app.redis import RedisService, RedisUnavailable
 
 API_KEY_HEADER = "x-api-key"
+_OUTCOMES = frozenset({b"ok", b"limited", b"unknown", b"revoked", b"expired"})
 _SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
 _REJECTIONS = {
     "missing": "An x-api-key header is required.",
@@ -50,7 +51,10 @@ class AccessGate:
             keys.append(prefetch)
         args: list[str | int] = [hash_key(raw_key), self.policy.limit, self.policy.window_ms]
         reply = self.redis.run_script(self._script, keys, args)
-        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        if not isinstance(reply, list) or not reply or reply[0] not in _OUTCOMES:
+            # Not an answer this script gives: never read anything else as "allowed".
+            raise RedisUnavailable("the key check got an unexpected reply")
+        outcome = reply[0].decode()
         if outcome not in ("ok", "limited"):
             return AccessDecision(outcome)
         state = RateLimitState.from_script(int(reply[1]), int(reply[2]), int(reply[3]))

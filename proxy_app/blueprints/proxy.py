@@ -25,6 +25,7 @@ from proxy_app.errors import (
 from proxy_app.forwarding import (
     filter_response_headers,
     forward_request_headers,
+    normalize_percent_encoding,
     split_raw_uri,
     upstream_path,
 )
@@ -60,6 +61,7 @@ def plan_request() -> None:
     be answered from the cache, name the entry so the key check can read it along (one Redis
     round trip for both, when keys and cache share a Redis)."""
     raw_path, raw_query = split_raw_uri(_raw_uri())
+    raw_query = normalize_percent_encoding(raw_query)
     forwarded = forward_request_headers(request.headers.items(), g.request_id)
     try:
         target: str | None = upstream_path(raw_path, raw_query)
@@ -78,6 +80,13 @@ def plan_request() -> None:
 bp.before_request(plan_request)
 bp.before_request(enforce_api_key)
 bp.after_request(add_rate_limit_headers)
+
+
+@bp.after_request
+def _mark_uncached(response: Response) -> Response:
+    """Answers the gateway made itself (401, 429, 400, 502, ...) came from no cache either."""
+    response.headers.setdefault("x-cache", "BYPASS")
+    return response
 
 
 @bp.route(

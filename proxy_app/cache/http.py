@@ -248,6 +248,9 @@ class ProxyCache:
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,
         )
+        if policy.unstorable_reason(stale.status, raw, len(stale.body)):
+            # The upstream now forbids storing it (no-store, private, ...): serve it this once.
+            return Load(entry.encode(), store=False)
         return _load_for(entry, fresh, revalidated=True)
 
     def _head(

@@ -281,9 +281,11 @@ class CacheService:
             if flight.done.wait(self.wait_s):
                 if flight.error is not None:
                     raise flight.error
-                if flight.result is not None and flight.result.outcome is not Outcome.BYPASS:
-                    return dataclasses.replace(flight.result, outcome=Outcome.HIT)
-            # The leader's result was not stored (or never came): load for ourselves.
+                shared = flight.result
+                # The leader's answer serves us only if it was stored and is our variant.
+                if shared is not None and shared.stored is not None and usable(shared.stored):
+                    return dataclasses.replace(shared, outcome=Outcome.HIT)
+            # Not stored, not our variant, or it never came: load for ourselves.
             return self._load_and_store(key, loader, previous, index)
         try:
             flight.result = self._load_across_workers(key, loader, previous, index, usable)

@@ -358,3 +358,23 @@ def test_a_keyed_cache_hit_costs_one_redis_round_trip(
     # One script call per request; the rest ran inside it (the key record, the clock, the
     # rate-limit state and the cache entry).
     assert stats == {"evalsha": 20, "hmget": 20, "time": 20, "get": 40, "set": 20}
+
+
+def test_a_304_that_forbids_storing_ends_the_cached_copy(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    stub.reply(
+        "/turned-private",
+        Reply(
+            body=b'{"p": 1}',
+            headers=(JSON, ("cache-control", "max-age=1, must-revalidate"), ("etag", '"p1"')),
+        ),
+        Reply(status=304, body=b"", headers=(("cache-control", "no-store"), ("etag", '"p1"'))),
+    )
+    gateway = gateway_for(start_gateway, stub)
+    gateway.get("/api/v1/turned-private")
+    time.sleep(2.1)
+    answers = [gateway.get("/api/v1/turned-private") for _ in range(2)]
+    assert [(a.status_code, a.headers["x-cache"]) for a in answers] == [(200, "BYPASS")] * 2
+    assert answers[0].content == b'{"p": 1}'
+    assert len(stub.calls("/turned-private")) == 3

@@ -335,3 +335,20 @@ def test_health_follows_redis_down_and_back_without_restart(
     while gateway.get("/health/ready").status_code != 200 and time.monotonic() < deadline:
         time.sleep(0.2)
     assert gateway.get("/health").json()["status"] == "ok"
+
+
+def test_a_delete_with_a_body_is_never_retried(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    stub.reply("/orders/1", Reply(status=503))
+    gateway = start_gateway({"HTTP_CLIENT_BASE_URL": stub.url, "HTTP_CLIENT_RETRIES": "2"})
+    with_body = gateway.request(
+        "DELETE",
+        "/api/v1/orders/1",
+        data=b'{"reason": "x"}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert with_body.status_code == 503
+    assert len(stub.calls("/orders/1")) == 1
+    assert gateway.request("DELETE", "/api/v1/orders/1").status_code == 503
+    assert len(stub.calls("/orders/1")) == 4  # without a body: retried twice

@@ -6,11 +6,13 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from proxy_app.cache import policy
+from proxy_app.forwarding import forward_request_headers
 from proxy_app.redis import RedisUnavailable
 from tests.conftest import ADMIN_TOKEN
 
-JSON = {"accept": "application/json"}
-XML = {"accept": "application/xml"}
+# Keys as the proxy makes them: from the headers it forwards (accept-encoding defaults included).
+JSON = forward_request_headers([("Accept", "application/json")], request_id="r")
+XML = forward_request_headers([("Accept", "application/xml")], request_id="r")
 SEEDED = [
     ("/things/1", "", JSON),
     ("/things/1", "", XML),

@@ -232,3 +232,10 @@ def test_a_strict_cache_opens_no_stale_window_of_its_own() -> None:
     assert strict.stale_if_error_s == 0
     explicit = fresh([("cache-control", "max-age=60, stale-if-error=9")], cache_ttl_default_s=0)
     assert explicit.stale_if_error_s == 9
+
+
+def test_absurd_dates_are_ignored_not_crashing() -> None:
+    huge = "Thu, 01 Jan 99999999999 00:00:00 GMT"
+    assert policy.http_date(huge) is None
+    assert not policy.not_modified({"if-modified-since": huge}, [("last-modified", date())])
+    assert fresh([("expires", huge), ("date", huge)]).lifetime_s == 0

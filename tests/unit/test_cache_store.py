@@ -280,3 +280,24 @@ def test_an_uncacheable_key_skips_the_lock_for_a_while(
     assert loader.calls == 2
     # No lock was taken (taking and releasing it would have left a "pass" marker).
     assert not cache.redis.client.exists("proxy:lock:k")
+
+
+def test_a_waiter_in_the_same_worker_does_not_take_another_variant(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    cache = make_cache(make_redis(), spawned)
+    leader = CountingLoader(Load(b"for-mobile"), delay_s=0.3)
+    follower = CountingLoader(Load(b"for-desktop"))
+    results: dict[str, bytes] = {}
+
+    def request(name: str, loader: CountingLoader, wanted: bytes) -> None:
+        result = cache.wrap("k", loader, usable=lambda stored: stored.value == wanted)
+        results[name] = result.value
+
+    first = threading.Thread(target=request, args=("mobile", leader, b"for-mobile"))
+    first.start()
+    time.sleep(0.1)  # the mobile request is loading; the desktop one arrives meanwhile
+    request("desktop", follower, b"for-desktop")
+    first.join(timeout=10)
+    assert results == {"mobile": b"for-mobile", "desktop": b"for-desktop"}
+    assert (leader.calls, follower.calls) == (1, 1)

@@ -88,7 +88,9 @@ def test_paths_that_could_leave_the_upstream_origin_are_refused(path: str) -> No
         ("/api/v1/v1.2/things", "/v1.2/things"),
         ("/api/v1/...", "/..."),
         ("/api/v1/urn:isbn:123", "/urn:isbn:123"),
-        ("/api/v1/%7Euser", "/%7Euser"),
+        ("/api/v1/%7Euser", "/~user"),
+        ("/api/v1/users/%6De", "/users/me"),
+        ("/api/v1/a%2fb%3f", "/a%2Fb%3F"),
     ],
 )
 def test_safe_paths_pass_through_still_encoded(path: str, expected: str) -> None:

@@ -201,3 +201,23 @@ def test_request_id_is_taken_from_the_client_or_generated(
     assert sent_request(upstream).headers["x-request-id"] == "abc-123"
     generated = client.get("/api/v1/x", headers={"x-request-id": "bad id\twith spaces"})
     assert len(generated.headers["x-request-id"]) == 32
+
+
+def test_encoded_forms_of_a_bypassed_path_are_bypassed_too(upstream: requests_mock.Mocker) -> None:
+    from tests.conftest import fake_redis_app
+
+    app = fake_redis_app(cache_bypass_paths=("/users/me",))
+    with app.app_context():
+        _, key = app.extensions["proxy_app.key_registry"].create(owner="t")
+    upstream.get(f"{BASE}/users/me", content=b"{}", headers={"cache-control": "max-age=60"})
+    client = app.test_client()
+    for path in ("/api/v1/users/me", "/api/v1/users/%6De", "/api/v1/%75sers/me"):
+        response = client.get(path, headers={"x-api-key": key})
+        assert response.headers["x-cache"] == "BYPASS", path
+    assert upstream.call_count == 3
+
+
+def test_answers_made_by_the_gateway_say_bypass_too(client: FlaskClient) -> None:
+    refused = client.get("/api/v1/x", headers={"x-api-key": "nope"})
+    assert (refused.status_code, refused.headers["x-cache"]) == (401, "BYPASS")
+    assert client.get("/api/v1/%2e%2e/x").headers["x-cache"] == "BYPASS"

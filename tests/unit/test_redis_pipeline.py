@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -106,3 +107,75 @@ def test_service_reports_unavailable_when_nothing_listens() -> None:
             service.command("GET", "x")
     finally:
         service.close()
+
+
+def test_replies_of_a_broken_socket_never_reach_later_commands(redis_url: str) -> None:
+    pipelined = PipelinedConnection(redis_url, timeout_s=0.05)
+    try:
+        pipelined.execute("SET", "a", "A")
+        pipelined.execute("SET", "b", "B")
+        with pytest.raises(PipelineTimeout):
+            pipelined.execute("EVAL", SPIN, 0)  # still pending when the socket breaks
+        link = pipelined._link
+        assert link is not None
+        link.sock.shutdown(socket.SHUT_WR)
+        with pytest.raises(PipelineError):
+            pipelined.execute("GET", "a")
+        with redis.Redis.from_url(redis_url, socket_timeout=10) as plain:
+            assert plain.ping()  # the script has finished
+        pipelined.timeout_s = 2
+        assert [pipelined.execute("GET", k) for k in ("b", "a", "b")] == [b"B", b"A", b"B"]
+    finally:
+        pipelined.close()
+
+
+def test_a_non_redis_peer_fails_commands_instead_of_wedging_the_connection() -> None:
+    import socketserver
+    import threading
+
+    class Garbage(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(1024)
+            self.request.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    server = socketserver.TCPServer(("127.0.0.1", 0), Garbage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pipelined = PipelinedConnection(f"redis://127.0.0.1:{server.server_address[1]}/0", 1)
+    try:
+        for _ in range(3):  # each attempt fails fast and the next one tries afresh
+            with pytest.raises(PipelineError):
+                pipelined.execute("PING")
+    finally:
+        pipelined.close()
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_hanging_connect_holds_nobody_longer_than_the_timeout(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    pipelined = PipelinedConnection(redis_url, timeout_s=0.2)
+
+    def hanging_connect() -> socket.socket:
+        time.sleep(0.2)
+        raise PipelineError("connecting to Redis failed: timed out")
+
+    monkeypatch.setattr(pipelined, "_open_socket", hanging_connect)
+    took: list[float] = []
+
+    def attempt() -> None:
+        started = time.monotonic()
+        with pytest.raises(PipelineError):
+            pipelined.execute("PING")
+        took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=attempt) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(took) == 8
+    # Queued one behind another, the last would wait 8 x 0.2 s.
+    assert max(took) < 0.7

@@ -143,3 +143,20 @@ def test_dotenv_fills_in_and_the_real_environment_wins(
     settings = from_environment(str(dotenv))
     assert settings.port == 4200
     assert settings.cache_ttl_default_s == 42
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "password"),
+    [
+        ("HTTP_CLIENT_BASE_URL", "https://svc:Sup3rSecret@api.example.com", "Sup3rSecret"),
+        ("CACHE_REDIS_URL", "redis://:R3disPass@redis:63x9/0", "R3disPass"),
+        ("API_KEYS_REDIS_URL", "http://user:K3ysPass@redis:6379", "K3ysPass"),
+    ],
+)
+def test_credentials_in_bad_urls_are_masked_in_the_error(
+    env: str, value: str, password: str
+) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({env: value})
+    assert password not in str(caught.value)
+    assert env in str(caught.value)
