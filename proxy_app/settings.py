@@ -53,6 +53,7 @@ class Settings:
     redis_timeout_ms: int = 250
     admin_api_token: str = dataclasses.field(default="", repr=False)
     version: str = "dev"
+    deployment_id: str | None = None
     # Set by the entry point, not by the environment: where workers write their metric samples.
     metrics_multiproc_dir: str | None = None
 
@@ -201,6 +202,11 @@ class _SettingsSchema(Schema):
     )
     admin_api_token = _str("ADMIN_API_TOKEN", "any string", secret=True)
     version = _str("GIT_SHA", "a version string", validate.Length(min=1, max=80))
+    deployment_id = _str(
+        "DEPLOY_ID",
+        "letters, digits, '-', '_' or '.', at most 80",
+        validate.Regexp(r"^[A-Za-z0-9_.-]{1,80}$", error="not a valid deployment id"),
+    )
 
     @post_load
     def _to_settings(self, data: dict[str, Any], **_: Any) -> Settings:
@@ -219,7 +225,9 @@ class _SettingsSchema(Schema):
         return Settings(**data)
 
 
-_EMPTY_MEANS_UNSET = frozenset({"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA"})
+_EMPTY_MEANS_UNSET = frozenset(
+    {"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA", "DEPLOY_ID"}
+)
 _SCHEMA = _SettingsSchema()
 _FIELDS_BY_ENV = {str(field.data_key): field for field in _SCHEMA.fields.values()}
 ENV_NAMES = tuple(_FIELDS_BY_ENV)

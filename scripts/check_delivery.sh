@@ -105,6 +105,7 @@ check_stack_config() {
   local out="$WORK_DIR/rendered-stack"
   APP_IMAGE="ghcr.io/example/proxy_app:0123456789abcdef0123456789abcdef01234567" \
     APP_HOST="api.example.com" QUANTUM_STACK="proxy-app" \
+    REDIS_PLACEMENT_CONSTRAINT="node.labels.redis == true" \
     HTTP_CLIENT_BASE_URL="https://upstream.example.com" \
     ADMIN_API_TOKEN="placeholder-token" HTTP_CLIENT_API_KEY="placeholder-key" \
     "$PYTHON" scripts/render_stack.py --quiet --output-dir "$out" >/dev/null || return 1

@@ -5,17 +5,24 @@ Steps: record the image that is live now (PREVIOUS_IMAGE, else the version the
 public /health reports), render the stack for APP_IMAGE, run
 `quantum-cli stacks update --create --wait --stack $QUANTUM_STACK` (falling back
 to `quantum-cli stack update` on CLIs that do not know `stacks`), poll
-/health/ready and /health until the expected version serves, then smoke-test an
-authenticated GET through /api/v1 and an unauthenticated one that must get 401.
-Any failure re-deploys the previous image and exits 1. Secret values are never
-printed: command output is redacted before it is shown.
+/health/ready and /health until several replies in a row report the expected version
+(and this deploy's DEPLOY_ID, so that tasks of an earlier deploy of the same commit
+do not count), then smoke-test an authenticated GET through /api/v1 and an
+unauthenticated one that must get 401 (redirects count as failures and are never
+followed with the key). Any failure re-deploys the previous image, verifies and
+smoke-tests it, and exits 1. A failed redeploy of the commit already live cannot be
+helped by a rollback (configuration is not rolled back): it says so. Secret values
+are never printed: command output is redacted before it is shown.
 
 Environment (required): QUANTUM_ENDPOINT, QUANTUM_STACK, APP_IMAGE, PUBLIC_URL,
 EXPECTED_VERSION, SMOKE_API_KEY, plus everything scripts/render_stack.py needs.
 Optional: PREVIOUS_IMAGE, RENDER_DIR (already rendered for APP_IMAGE), SMOKE_PATH
-(default /api/v1/), QUANTUM_CLI (default quantum-cli), DEPLOY_VERIFY_TIMEOUT_S
-(600), ROLLBACK_VERIFY_TIMEOUT_S (300), DEPLOY_POLL_INTERVAL_S (10),
-DEPLOY_HTTP_TIMEOUT_S (10), DEPLOY_CLI_TIMEOUT_S (1200), KEEP_RENDERED (0).
+(default /api/v1/), QUANTUM_CLI (default quantum-cli), DEPLOY_ID (reported by the
+new tasks' /health), DEPLOY_HEALTH_CONFIRMATIONS (3), DEPLOY_VERIFY_TIMEOUT_S (480),
+ROLLBACK_VERIFY_TIMEOUT_S (300), DEPLOY_POLL_INTERVAL_S (10), DEPLOY_HTTP_TIMEOUT_S
+(10), DEPLOY_CLI_TIMEOUT_S (600), KEEP_RENDERED (0). The defaults keep deploy, verify
+and rollback within the job's 45 minutes.
+PUBLIC_URL must be https, except on a loopback host (tests).
 """
 
 from __future__ import annotations
@@ -56,6 +63,17 @@ UNKNOWN_WAIT_FLAG = re.compile(
     r"(flag provided but not defined|unknown flag|unknown option)[^\n]*-wait", re.IGNORECASE
 )
 USER_AGENT = "proxy-app-deploy-verify/1"
+LOOPBACK_URL = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?$")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an answer to judge, never a hop to take with the smoke key."""
+
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirects())
 
 
 class DeployConfigError(Exception):
@@ -80,6 +98,8 @@ class Settings:
     http_timeout_s: float
     cli_timeout_s: float
     keep_rendered: bool
+    deploy_id: str | None = None
+    health_confirmations: int = 3
 
 
 def _number(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -108,10 +128,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if missing:
         raise DeployConfigError("required but not set: " + ", ".join(missing))
     public_url = environ["PUBLIC_URL"].rstrip("/")
-    if not re.match(r"^https?://[^/\s]+", public_url):
-        raise DeployConfigError(
-            "PUBLIC_URL: must be an http(s) URL such as https://api.example.com"
-        )
+    if not re.match(r"^https://[^/\s]+", public_url) and not LOOPBACK_URL.match(public_url):
+        # The smoke check sends a real client key: never in clear text over a network.
+        raise DeployConfigError("PUBLIC_URL: must be an https URL such as https://api.example.com")
     smoke_path = environ.get("SMOKE_PATH") or "/api/v1/"
     if not smoke_path.startswith("/api/v1/"):
         raise DeployConfigError("SMOKE_PATH: must start with /api/v1/")
@@ -127,12 +146,14 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         previous_image=environ.get("PREVIOUS_IMAGE") or None,
         render_dir=Path(render_dir) if render_dir else None,
         cli=shlex.split(environ.get("QUANTUM_CLI") or "quantum-cli"),
-        verify_timeout_s=_number(environ, "DEPLOY_VERIFY_TIMEOUT_S", 600),
+        verify_timeout_s=_number(environ, "DEPLOY_VERIFY_TIMEOUT_S", 480),
         rollback_verify_timeout_s=_number(environ, "ROLLBACK_VERIFY_TIMEOUT_S", 300),
         poll_interval_s=_number(environ, "DEPLOY_POLL_INTERVAL_S", 10),
         http_timeout_s=_number(environ, "DEPLOY_HTTP_TIMEOUT_S", 10),
-        cli_timeout_s=_number(environ, "DEPLOY_CLI_TIMEOUT_S", 1200),
+        cli_timeout_s=_number(environ, "DEPLOY_CLI_TIMEOUT_S", 600),
         keep_rendered=environ.get("KEEP_RENDERED", "0") == "1",
+        deploy_id=environ.get("DEPLOY_ID") or None,
+        health_confirmations=int(_number(environ, "DEPLOY_HEALTH_CONFIRMATIONS", 3)),
     )
 
 
@@ -167,7 +188,7 @@ def http_get(url: str, timeout_s: float, headers: Mapping[str, str] | None = Non
     request = urllib.request.Request(url, headers=all_headers)  # noqa: S310 (scheme checked)
     try:
         # Scheme checked above: only http(s) reaches urlopen.
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:  # noqa: S310  # nosec B310
+        with _OPENER.open(request, timeout=timeout_s) as response:  # nosec B310
             return HttpResult(response.status, response.read(65536))
     except urllib.error.HTTPError as exc:
         return HttpResult(exc.code, exc.read(65536))
@@ -177,14 +198,22 @@ def http_get(url: str, timeout_s: float, headers: Mapping[str, str] | None = Non
 
 
 def reported_version(result: HttpResult) -> str | None:
+    return _reported(result, "version")
+
+
+def reported_deployment(result: HttpResult) -> str | None:
+    return _reported(result, "deployment")
+
+
+def _reported(result: HttpResult, name: str) -> str | None:
     if result.status != 200:
         return None
     try:
         document = json.loads(result.body)
     except ValueError:
         return None
-    version = document.get("version") if isinstance(document, dict) else None
-    return version if isinstance(version, str) else None
+    value = document.get(name) if isinstance(document, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def image_repository(image: str) -> str:
@@ -218,8 +247,10 @@ class Deployer:
         self.created_dirs: list[Path] = []
 
     # -- rendering -----------------------------------------------------------
-    def render(self, image: str, version: str) -> Path:
+    def render(self, image: str, version: str, deploy_id: str | None = None) -> Path:
         env = {**self.environ, "APP_IMAGE": image, "APP_VERSION": version}
+        if deploy_id is not None:
+            env["DEPLOY_ID"] = deploy_id
         completed = subprocess.run(  # noqa: S603
             [sys.executable, str(RENDER_SCRIPT), "--quiet"],
             env=env,
@@ -283,20 +314,30 @@ class Deployer:
         return False
 
     # -- verification --------------------------------------------------------
-    def wait_for_version(self, version: str, timeout_s: float) -> bool:
+    def wait_for_version(
+        self, version: str, timeout_s: float, deploy_id: str | None = None
+    ) -> bool:
+        """Wait until several replies in a row (each possibly from another replica) are
+        ready and report this version and deploy id."""
         base = self.settings.public_url
         deadline = time.monotonic() + timeout_s
         last_state = ""
+        in_a_row = 0
         while True:
             ready = http_get(f"{base}/health/ready", self.settings.http_timeout_s)
             health = http_get(f"{base}/health", self.settings.http_timeout_s)
             serving = reported_version(health)
-            state = f"ready={ready.status or ready.error} version={serving}"
+            deployment = reported_deployment(health)
+            state = f"ready={ready.status or ready.error} version={serving} deployment={deployment}"
             if state != last_state:
                 log(f"health: {state}")
                 last_state = state
-            if ready.status == 200 and serving == version:
+            matches = serving == version and (deploy_id is None or deployment == deploy_id)
+            in_a_row = in_a_row + 1 if ready.status == 200 and matches else 0
+            if in_a_row >= self.settings.health_confirmations:
                 return True
+            if in_a_row:
+                continue  # confirm at once with the next replies
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 log(f"health did not report version {version} within {timeout_s:.0f}s")
@@ -321,22 +362,35 @@ class Deployer:
         if previous is None:
             log("ROLLBACK NOT POSSIBLE: no previous image was recorded")
             return False
-        if previous == self.settings.image:
-            log("ROLLBACK SKIPPED: the previous image is the one just deployed")
+        tag = previous.split("@", 1)[0].rsplit(":", 1)[-1]
+        previous_version = tag if SHA40.match(tag) else "unknown"
+        if previous == self.settings.image or previous_version == self.settings.expected_version:
+            log(
+                "ROLLBACK CANNOT HELP: the commit before this deploy is the one just deployed, "
+                "and configuration (variables, secrets) is not rolled back; revert it and "
+                "deploy again (see docs/runbook.md)"
+            )
             return False
         log(f"ROLLING BACK to {previous}")
-        tag = previous.rsplit(":", 1)[-1] if "@" not in previous else ""
-        previous_version = tag if SHA40.match(tag) else "unknown"
-        project_dir = self.render(previous, previous_version)
+        rollback_id = f"{self.settings.deploy_id}-rollback" if self.settings.deploy_id else None
+        project_dir = self.render(previous, previous_version, rollback_id)
         if not self.update_stack(project_dir):
             log("rollback deploy failed: intervene by hand (see docs/runbook.md)")
             return False
         if previous_version == "unknown":
             log("rollback deployed; its version cannot be verified from the image reference")
-            return True
-        healthy = self.wait_for_version(previous_version, self.settings.rollback_verify_timeout_s)
-        log("rollback verified" if healthy else "rollback deployed but not verified healthy")
-        return healthy
+            return False
+        healthy = self.wait_for_version(
+            previous_version, self.settings.rollback_verify_timeout_s, rollback_id
+        )
+        if not healthy:
+            log("rollback deployed but not verified healthy: intervene by hand")
+            return False
+        if not self.smoke():
+            log("rollback deployed but its smoke check fails too: intervene by hand")
+            return False
+        log("rollback verified: healthy and smoke-tested")
+        return True
 
     def run(self) -> int:
         settings = self.settings
@@ -346,7 +400,9 @@ class Deployer:
         ok = self.update_stack(project_dir)
         if ok:
             stage = "health verification"
-            ok = self.wait_for_version(settings.expected_version, settings.verify_timeout_s)
+            ok = self.wait_for_version(
+                settings.expected_version, settings.verify_timeout_s, settings.deploy_id
+            )
         if ok:
             stage = "smoke check"
             ok = self.smoke()

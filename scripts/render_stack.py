@@ -47,6 +47,8 @@ STACK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 CPUS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 MEMORY = re.compile(r"^[0-9]+[KMG]$")
 REDIS_MEMORY = re.compile(r"^[0-9]+(kb|mb|gb)$")
+PLACEMENT = re.compile(r"^node\.(labels\.[A-Za-z0-9_.-]+|hostname|id) ?== ?[A-Za-z0-9_.-]+$")
+DEPLOY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 DEFAULT_REDIS_IMAGE = (
     "redis:7.4.5-alpine@sha256:bb186d083732f669da90be8b0f975a37812b15e913465bb14d845db72a4e3e08"
 )
@@ -166,7 +168,21 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REDIS_MEMORY_RESERVATION", default="128M", validate=_pattern(MEMORY, "like 128M")),
     Variable("REDIS_MAXMEMORY", default="256mb", validate=_pattern(REDIS_MEMORY, "like 256mb")),
     Variable("REDIS_EVICTION_POLICY", default="volatile-lru", validate=_eviction),
-    Variable("REDIS_PLACEMENT_CONSTRAINT", default="node.platform.os == linux"),
+    # Redis' volume is local to one node: Redis must stay on that node, or it starts empty
+    # elsewhere and every API key is gone. No default that pins nothing.
+    Variable(
+        "REDIS_PLACEMENT_CONSTRAINT",
+        required=True,
+        validate=_pattern(
+            PLACEMENT, "a node pin such as node.labels.redis == true or node.hostname == n1"
+        ),
+        help="pins Redis to the node that holds its volume",
+    ),
+    Variable(
+        "DEPLOY_ID",
+        validate=_pattern(DEPLOY_ID, "letters, digits, '-', '_' or '.'"),
+        help="reported by /health as deployment",
+    ),
     Variable("TRAEFIK_NETWORK", default="public", validate=_stack),
     Variable("TRAEFIK_CERT_RESOLVER", default="le", validate=_stack),
     Variable("TRAEFIK_HTTP_ENTRYPOINT", default="http", validate=_stack),

@@ -19,6 +19,8 @@ def status() -> Response:
         {
             "status": "ok" if healthy else "degraded",
             "version": settings.version,
+            # Set per deploy, so that a deploy can tell its own tasks from the ones before.
+            "deployment": settings.deployment_id,
             "redis": redis_status,
             "upstream": {"configured": bool(settings.upstream_base_url)},
         }

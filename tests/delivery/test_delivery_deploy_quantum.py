@@ -48,7 +48,11 @@ stack = pathlib.Path("stack.yml").read_text()
 entry["image"] = re.search(r"^    image: (\\S+)$", stack, re.M).group(1)
 if os.environ.get("FAKE_QUANTUM_FAIL") == "1":
     finish(1, "Error: the endpoint rejected the stack")
-pathlib.Path(os.environ["FAKE_QUANTUM_STATE"]).write_text(entry["image"].rsplit(":", 1)[-1])
+deployment = re.search(r"^      DEPLOY_ID: (\\S+)$", stack, re.M)
+state = entry["image"].rsplit(":", 1)[-1]
+if deployment:
+    state += " " + deployment.group(1).strip("'\\"")
+pathlib.Path(os.environ["FAKE_QUANTUM_STATE"]).write_text(state)
 finish(0, "stack " + args[-1] + " updated")
 """
 
@@ -61,12 +65,19 @@ class Behaviour:
     stuck_version: str | None = None
     keyed_status: int = 200
     anonymous_status: int = 401
+    broken_everywhere: bool = False  # the statuses above apply to every version, not the new
     requests: list[str] = field(default_factory=list)
 
     def version(self) -> str:
         if self.stuck_version is not None:
             return self.stuck_version
-        return self.state_file.read_text().strip()
+        return self.state_file.read_text().split()[0]
+
+    def deployment(self) -> str | None:
+        if self.stuck_version is not None:
+            return None
+        parts = self.state_file.read_text().split()
+        return parts[1] if len(parts) > 1 else None
 
 
 def make_handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
@@ -87,12 +98,23 @@ def make_handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
             if self.path == "/health/ready":
                 self._send(200, {"status": "ok"})
             elif self.path == "/health":
-                self._send(200, {"status": "ok", "version": behaviour.version(), "redis": {}})
+                self._send(
+                    200,
+                    {
+                        "status": "ok",
+                        "version": behaviour.version(),
+                        "deployment": behaviour.deployment(),
+                        "redis": {},
+                    },
+                )
             elif self.path.startswith("/api/v1/"):
+                # The broken behaviour belongs to the new version; the old one answers well.
+                broken = behaviour.broken_everywhere or behaviour.version() == NEW_SHA
                 if self.headers.get("x-api-key") == SMOKE_KEY:
-                    self._send(behaviour.keyed_status, {"ok": True})
+                    self._send(behaviour.keyed_status if broken else 200, {"ok": True})
                 else:
-                    self._send(behaviour.anonymous_status, {"error": "unauthorized"})
+                    status = behaviour.anonymous_status if broken else 401
+                    self._send(status, {"error": "unauthorized"})
             else:
                 self._send(404, {"error": "not_found"})
 
@@ -118,6 +140,7 @@ class Harness:
             "PUBLIC_URL": self.public_url,
             "APP_HOST": "api.example.com",
             "HTTP_CLIENT_BASE_URL": "https://upstream.example.com",
+            "REDIS_PLACEMENT_CONSTRAINT": "node.labels.redis == true",
             "ADMIN_API_TOKEN": ADMIN_TOKEN,
             "HTTP_CLIENT_API_KEY": UPSTREAM_KEY,
             "SMOKE_API_KEY": SMOKE_KEY,
@@ -302,3 +325,45 @@ def test_missing_settings_are_named_and_nothing_is_deployed(harness: Harness) ->
     assert "QUANTUM_ENDPOINT" in result.stderr
     assert "SMOKE_API_KEY" in result.stderr
     assert harness.calls() == []
+
+
+def test_a_deploy_id_must_be_reported_before_verification_passes(harness: Harness) -> None:
+    result = harness.deploy(DEPLOY_ID="run-7-1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "deployment=run-7-1" in result.stdout
+
+
+def test_old_tasks_of_the_same_commit_do_not_pass_verification(harness: Harness) -> None:
+    """Tasks that report the expected version but not this deploy's id are the ones from
+    before (a redeploy of the live commit): they must not count as the new deploy."""
+    harness.behaviour.stuck_version = NEW_SHA  # never replaced by tasks of this deploy
+    without_id = harness.deploy()
+    assert without_id.returncode == 0  # the version alone cannot tell them apart
+    with_id = harness.deploy(DEPLOY_ID="run-2-1")
+    assert with_id.returncode == 1
+    assert "FAILED at health verification" in with_id.stdout
+
+
+def test_a_failed_rollback_smoke_check_is_reported(harness: Harness) -> None:
+    harness.behaviour.keyed_status = 502
+    harness.behaviour.anonymous_status = 401
+    harness.behaviour.broken_everywhere = True  # the old version fails its smoke check too
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "rollback deployed but its smoke check fails too" in result.stdout
+    assert "NOT rolled back" in result.stdout
+    assert "rollback verified" not in result.stdout
+
+
+def test_redirects_fail_the_smoke_check_and_are_not_followed(harness: Harness) -> None:
+    harness.behaviour.keyed_status = 302
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "FAILED at smoke check" in result.stdout
+    assert "-> 302" in result.stdout
+
+
+def test_a_cleartext_public_url_is_refused(harness: Harness) -> None:
+    result = harness.deploy(PUBLIC_URL="http://api.example.com")
+    assert result.returncode == 2
+    assert "must be an https URL" in result.stderr

@@ -28,6 +28,7 @@ def sample_env(**overrides: str) -> dict[str, str]:
         "APP_HOST": "api.example.com",
         "QUANTUM_STACK": "proxy-app",
         "HTTP_CLIENT_BASE_URL": "https://upstream.example.com/v2",
+        "REDIS_PLACEMENT_CONSTRAINT": "node.labels.redis == true",
         "ADMIN_API_TOKEN": ADMIN_TOKEN,
         "HTTP_CLIENT_API_KEY": UPSTREAM_KEY,
     }

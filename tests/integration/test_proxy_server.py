@@ -313,10 +313,13 @@ def test_metrics_are_merged_across_workers(start_gateway: StartGateway, stub: St
 def test_health_follows_redis_down_and_back_without_restart(
     start_gateway: StartGateway, stub: StubUpstream, redis_server: RedisServer
 ) -> None:
-    gateway = start_gateway({"HTTP_CLIENT_BASE_URL": stub.url, "GIT_SHA": "0123abc"})
+    gateway = start_gateway(
+        {"HTTP_CLIENT_BASE_URL": stub.url, "GIT_SHA": "0123abc", "DEPLOY_ID": "run-42.1"}
+    )
     assert gateway.get("/health").json() == {
         "status": "ok",
         "version": "0123abc",
+        "deployment": "run-42.1",
         "redis": {"cache": "up"},
         "upstream": {"configured": True},
     }

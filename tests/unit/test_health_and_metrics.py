@@ -18,6 +18,7 @@ def test_health_reports_ok_version_and_redis(client: FlaskClient) -> None:
     assert response.json == {
         "status": "ok",
         "version": "dev",
+        "deployment": None,
         "redis": {"cache": "up"},
         "upstream": {"configured": True},
     }
