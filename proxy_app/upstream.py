@@ -201,14 +201,15 @@ class UpstreamClient:
         session = self._retrying if retryable else self._single_attempt
         started = time.perf_counter()
         try:
-            response = session.request(
-                method,
-                url,
-                headers=sent_headers,
-                data=body,
+            # Prepared here and sent as is: no merging of session headers, cookies or
+            # environment settings, none of which the proxy wants.
+            prepared = requests.Request(method, url, headers=sent_headers, data=body).prepare()
+            response = session.send(
+                prepared,
+                stream=True,
                 timeout=(self.timeout_s, self.timeout_s),
                 allow_redirects=False,
-                stream=True,
+                proxies={},
             )
             try:
                 # Undecoded bytes: content-encoding and content-length stay true to the body.
