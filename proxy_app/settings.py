@@ -234,7 +234,11 @@ ENV_NAMES = tuple(_FIELDS_BY_ENV)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
-    """Validate the environment; raise SettingsError naming every bad variable."""
+    """Validate the environment; raise SettingsError naming every bad variable.
+
+    A secret may instead come from a file named by ``<NAME>_FILE`` (Docker and Swarm secrets
+    are mounted as files), so that it never sits in the service's environment."""
+    environ, problems = _with_secret_files(environ)
     raw: dict[str, str] = {}
     for env, field in _FIELDS_BY_ENV.items():
         value = environ.get(env)
@@ -253,8 +257,32 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         settings: Settings = _SCHEMA.load(raw)
     except ValidationError as exc:
         messages = exc.normalized_messages()  # type: ignore[no-untyped-call]
-        raise SettingsError(_describe(messages, raw)) from None
+        raise SettingsError(problems + _describe(messages, raw)) from None
+    if problems:
+        raise SettingsError(problems)
     return settings
+
+
+def _with_secret_files(environ: Mapping[str, str]) -> tuple[dict[str, str], list[str]]:
+    """The environment with each ``<SECRET>_FILE`` read into ``<SECRET>``."""
+    resolved = dict(environ)
+    problems = []
+    for env, field in _FIELDS_BY_ENV.items():
+        path = environ.get(f"{env}_FILE", "").strip()
+        if not field.metadata.get("secret") or not path:
+            continue
+        if environ.get(env):
+            problems.append(f"{env}_FILE: set together with {env} (expected one of the two)")
+            continue
+        try:
+            with open(path, encoding="utf-8") as handle:
+                resolved[env] = handle.read().rstrip("\r\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(
+                f"{env}_FILE={path!r}: cannot be read ({type(exc).__name__}) "
+                "(expected a readable file holding the secret)"
+            )
+    return resolved, problems
 
 
 def _shown_value(env: str, value: str, *, secret: bool) -> str:

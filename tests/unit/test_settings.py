@@ -160,3 +160,36 @@ def test_credentials_in_bad_urls_are_masked_in_the_error(
         load_settings({env: value})
     assert password not in str(caught.value)
     assert env in str(caught.value)
+
+
+def test_secrets_can_come_from_files(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin_token"
+    token_file.write_text("from-a-file-token\n")
+    key_file = tmp_path / "upstream_key"
+    key_file.write_text("upstream-from-file")
+    settings = load_settings(
+        {"ADMIN_API_TOKEN_FILE": str(token_file), "HTTP_CLIENT_API_KEY_FILE": str(key_file)}
+    )
+    assert settings.admin_api_token == "from-a-file-token"
+    assert settings.upstream_api_key == "upstream-from-file"
+
+
+def test_secret_file_problems_are_reported_without_the_secret(tmp_path: Path) -> None:
+    token_file = tmp_path / "admin_token"
+    token_file.write_text("do-not-print-me")
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            {
+                "ADMIN_API_TOKEN": "also-set",
+                "ADMIN_API_TOKEN_FILE": str(token_file),
+                "HTTP_CLIENT_API_KEY_FILE": str(tmp_path / "missing"),
+                "PORT": "x",
+            }
+        )
+    text = str(caught.value)
+    assert "ADMIN_API_TOKEN_FILE: set together with ADMIN_API_TOKEN" in text
+    assert "HTTP_CLIENT_API_KEY_FILE=" in text
+    assert "cannot be read" in text
+    assert "PORT=" in text  # reported together with the other problems
+    assert "do-not-print-me" not in text
+    assert "also-set" not in text
