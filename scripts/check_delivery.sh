@@ -347,10 +347,6 @@ check_sigterm_stop() {
 }
 
 container_checks() {
-  if [ ! -f proxy_app/__main__.py ]; then
-    skip "container build and run" "proxy_app/__main__.py is not in this tree yet"
-    return 0
-  fi
   local start=$SECONDS
   say "container tools"
   if ! ensure_container_tools; then
