@@ -52,6 +52,15 @@ class HttpEntry:
         return _META_LENGTH.pack(len(meta)) + meta + self.body
 
     @classmethod
+    def read(cls, blob: bytes) -> HttpEntry | None:
+        """The entry, or None when the bytes are not one (written by something else, or by an
+        older format): such an entry is treated as missing and replaced."""
+        try:
+            return cls.decode(blob)
+        except (struct.error, orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    @classmethod
     def decode(cls, blob: bytes) -> HttpEntry:
         (length,) = _META_LENGTH.unpack_from(blob)
         meta = orjson.loads(blob[_META_LENGTH.size : _META_LENGTH.size + length])
@@ -139,7 +148,9 @@ class ProxyCache:
         decoded: list[tuple[bytes, HttpEntry]] = []
 
         def usable(stored: Stored) -> bool:
-            entry = HttpEntry.decode(stored.value)
+            entry = HttpEntry.read(stored.value)
+            if entry is None:
+                return False
             decoded.append((stored.value, entry))
             return entry.matches(forwarded)
 
@@ -182,7 +193,7 @@ class ProxyCache:
         previous: Stored | None,
         answered: list[UpstreamResponse],
     ) -> Load:
-        stale = HttpEntry.decode(previous.value) if previous is not None else None
+        stale = HttpEntry.read(previous.value) if previous is not None else None
         headers = dict(outbound)
         if stale is not None:
             etag = policy.first_header(stale.headers, "etag")
@@ -270,8 +281,8 @@ class ProxyCache:
             except RedisUnavailable:
                 stored = None
         if stored is not None and time.time() < stored.fresh_until:
-            entry = HttpEntry.decode(stored.value)
-            if entry.matches(forwarded):
+            entry = HttpEntry.read(stored.value)
+            if entry is not None and entry.matches(forwarded):
                 age = entry.age_s(time.time())
                 return Served(entry.status, entry.headers, entry.body, Outcome.HIT, age, key)
         return self._pass_through("HEAD", path, query, forwarded, key)

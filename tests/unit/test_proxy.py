@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import requests
 import requests_mock
+from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.conftest import UPSTREAM_KEY
@@ -221,3 +222,20 @@ def test_answers_made_by_the_gateway_say_bypass_too(client: FlaskClient) -> None
     refused = client.get("/api/v1/x", headers={"x-api-key": "nope"})
     assert (refused.status_code, refused.headers["x-cache"]) == (401, "BYPASS")
     assert client.get("/api/v1/%2e%2e/x").headers["x-cache"] == "BYPASS"
+
+
+def test_a_corrupt_cache_entry_is_replaced_not_a_500(
+    app: Flask, client: FlaskClient, upstream: requests_mock.Mocker
+) -> None:
+    from proxy_app.cache import policy
+    from proxy_app.cache.store import Stored, encode
+    from proxy_app.forwarding import forward_request_headers
+
+    upstream.get(f"{BASE}/c", content=b'{"fresh": 1}', headers={"cache-control": "max-age=60"})
+    key = policy.cache_key("/c", "", forward_request_headers([], request_id="r"))
+    garbage = encode(Stored(b"\x00\x00\x00\x05{not json", 0.0, 9e12, 9e12, 9e12))
+    app.extensions["proxy_app.redis"].cache.client.set(key, garbage)
+    response = client.get("/api/v1/c")
+    assert (response.status_code, response.headers["x-cache"]) == (200, "MISS")
+    assert response.data == b'{"fresh": 1}'
+    assert client.get("/api/v1/c").headers["x-cache"] == "HIT"
