@@ -301,13 +301,24 @@ def test_metrics_are_merged_across_workers(start_gateway: StartGateway, stub: St
             timeout=5,
             headers=gateway.key_headers({"Connection": "close"}),
         )
-    text = gateway.get("/internal/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).text
-    line = next(
-        row
-        for row in text.splitlines()
-        if row.startswith("proxy_http_requests_total{") and 'route="proxy"' in row
-    )
-    assert float(line.rsplit(" ", 1)[1]) == 40
+
+    def proxied_total() -> float:
+        text = gateway.get(
+            "/internal/metrics", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        ).text
+        return sum(
+            float(row.rsplit(" ", 1)[1])
+            for row in text.splitlines()
+            if row.startswith("proxy_http_requests_total{") and 'route="proxy"' in row
+        )
+
+    # Each worker writes its tallies at least once a second: the merged total catches up.
+    deadline = time.monotonic() + 5
+    total = proxied_total()
+    while total < 40 and time.monotonic() < deadline:
+        time.sleep(0.2)
+        total = proxied_total()
+    assert total == 40
 
 
 def test_health_follows_redis_down_and_back_without_restart(
