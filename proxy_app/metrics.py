@@ -72,6 +72,8 @@ class Metrics:
         self._tally_lock = threading.Lock()
         self._requests_tally: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self._latency_tally: dict[str, list[float]] = {}
+        self._upstream_tally: dict[str, list[float]] = {}
+        self._upstream_children: dict[str, Any] = {}
         self._outcomes_tally: collections.Counter[str] = collections.Counter()
         self._flushed_at = time.monotonic()
         self._flusher_registered = False
@@ -134,6 +136,12 @@ class Metrics:
             self._latency_tally.setdefault(route, []).append(duration_s)
         self._flush_when_due()
 
+    def observe_upstream(self, method: str, elapsed_s: float) -> None:
+        """One upstream request's duration (tallied like the request figures)."""
+        with self._tally_lock:
+            self._upstream_tally.setdefault(method, []).append(elapsed_s)
+        self._flush_when_due()
+
     def count_cache_outcome(self, outcome: str) -> None:
         with self._tally_lock:
             self._outcomes_tally[outcome] += 1
@@ -144,6 +152,7 @@ class Metrics:
             requests, self._requests_tally = self._requests_tally, collections.Counter()
             latencies, self._latency_tally = self._latency_tally, {}
             outcomes, self._outcomes_tally = self._outcomes_tally, collections.Counter()
+            upstream, self._upstream_tally = self._upstream_tally, {}
             self._flushed_at = time.monotonic()
         for (route, method, status), count in requests.items():
             child = self._request_children.get((route, method, status))
@@ -155,6 +164,11 @@ class Metrics:
             histogram = self._latency_children.get(route)
             if histogram is None:
                 histogram = self._latency_children[route] = self.request_latency.labels(route)
+            _observe_many(histogram, durations)
+        for method, durations in upstream.items():
+            histogram = self._upstream_children.get(method)
+            if histogram is None:
+                histogram = self._upstream_children[method] = self.upstream_latency.labels(method)
             _observe_many(histogram, durations)
         for outcome, count in outcomes.items():
             child = self._outcome_children.get(outcome)

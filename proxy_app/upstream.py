@@ -177,9 +177,7 @@ class UpstreamClient:
                 self._metrics.upstream_errors.labels(exc.kind).inc()
             raise
         if self._metrics is not None:
-            self._metrics.upstream_latency.labels(method.upper()).observe(
-                response.elapsed_ms / 1000
-            )
+            self._metrics.observe_upstream(method.upper(), response.elapsed_ms / 1000)
         return response
 
     def _send(

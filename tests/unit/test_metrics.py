@@ -46,3 +46,12 @@ def test_counts_are_written_on_render_without_waiting_for_the_flusher() -> None:
     assert 'proxy_cache_outcomes_total{outcome="MISS"} 1.0' in text
     assert "proxy_http_requests_total" in metrics.render().decode()  # a second flush adds 0
     assert 'status="200"} 7.0' in metrics.render().decode()
+
+
+def test_upstream_latency_is_tallied_and_exposed() -> None:
+    metrics = Metrics()
+    metrics.observe_upstream("GET", 0.004)
+    metrics.observe_upstream("GET", 0.3)
+    text = metrics.render().decode()
+    assert 'proxy_upstream_request_duration_seconds_count{method="GET"} 2.0' in text
+    assert 'proxy_upstream_request_duration_seconds_bucket{le="0.005",method="GET"} 1.0' in text
