@@ -70,6 +70,9 @@ class Metrics:
         self._latency_children: dict[str, Any] = {}
         self._outcome_children: dict[str, Any] = {}
         self._tally_lock = threading.Lock()
+        # Held for a whole flush, so that a scrape never renders while another flush (the
+        # background one) has taken the tallies but not yet written them.
+        self._flush_lock = threading.Lock()
         self._requests_tally: collections.Counter[tuple[str, str, int]] = collections.Counter()
         self._latency_tally: dict[str, list[float]] = {}
         self._upstream_tally: dict[str, list[float]] = {}
@@ -148,6 +151,10 @@ class Metrics:
 
     def flush(self) -> None:
         """Write the tallies to the metrics, each labelled child once."""
+        with self._flush_lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
         with self._tally_lock:
             requests, self._requests_tally = self._requests_tally, collections.Counter()
             latencies, self._latency_tally = self._latency_tally, {}
