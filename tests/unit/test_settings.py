@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,12 @@ def test_secret_file_problems_are_reported_without_the_secret(tmp_path: Path) ->
     assert "PORT=" in text  # reported together with the other problems
     assert "do-not-print-me" not in text
     assert "also-set" not in text
+
+
+def test_every_setting_is_documented_in_the_env_example() -> None:
+    from proxy_app.settings import ENV_NAMES
+
+    example = (Path(__file__).resolve().parents[2] / ".env.example").read_text()
+    documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
+    assert set(ENV_NAMES) - documented == set()
+    assert {"ADMIN_API_TOKEN_FILE", "HTTP_CLIENT_API_KEY_FILE"} <= documented
