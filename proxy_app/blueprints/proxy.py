@@ -14,7 +14,6 @@ from proxy_app import services
 from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
 from proxy_app.cache.http import Served
 from proxy_app.cache.policy import key_hash
-from proxy_app.cache.store import Outcome
 from proxy_app.errors import (
     BadGateway,
     BadRequest,
@@ -23,7 +22,6 @@ from proxy_app.errors import (
     UnsupportedMediaType,
 )
 from proxy_app.forwarding import (
-    filter_response_headers,
     forward_request_headers,
     normalize_percent_encoding,
     split_raw_uri,
@@ -111,20 +109,7 @@ def proxy(path: str) -> Response:
                 g.get("cache_prefetched"),
             )
         else:
-            upstream_response = services.upstream().request(
-                request.method, target, query=raw_query, headers=headers, body=body
-            )
-            if 200 <= upstream_response.status < 400:
-                cache.invalidate(target, raw_query)
-            served = Served(
-                upstream_response.status,
-                filter_response_headers(
-                    upstream_response.headers, services.settings().upstream_base_url or ""
-                ),
-                upstream_response.body,
-                Outcome.BYPASS,
-                upstream=upstream_response,
-            )
+            served = cache.forward_write(request.method, target, raw_query, headers, body)
     return client_response(served)
 
 

@@ -175,6 +175,21 @@ class ProxyCache:
             return _not_modified(served)
         return served
 
+    def forward_write(
+        self,
+        method: str,
+        path: str,
+        query: str,
+        forwarded: Mapping[str, str],
+        body: bytes | None,
+    ) -> Served:
+        """Send a POST/PUT/PATCH/DELETE upstream; a successful one drops the cached variants
+        of its URL (RFC 9111 section 4.4)."""
+        response = self.upstream.request(method, path, query=query, headers=forwarded, body=body)
+        if 200 <= response.status < 400:
+            self.invalidate(path, query)
+        return self._served_upstream(response, Outcome.BYPASS, None)
+
     def invalidate(self, path: str, query: str) -> int:
         """Drop every stored variant of a request target (after a successful write to it)."""
         try:
