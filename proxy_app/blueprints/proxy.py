@@ -51,7 +51,7 @@ class ProxyRequest:
     refusal: BadRequest | None
     query: str
     forwarded: dict[str, str]
-    client_header_names: list[str]
+    cache_key: str | None  # the entry a GET/HEAD may be answered from; None: no cache use
 
 
 def plan_request() -> None:
@@ -66,13 +66,15 @@ def plan_request() -> None:
         refusal = None
     except BadRequest as exc:
         target, refusal = None, exc
-    names = list(request.headers.keys())
-    g.proxy_request = ProxyRequest(target, refusal, raw_query, forwarded, names)
-    redis = services.redis()
-    if target is not None and request.method in ("GET", "HEAD") and redis.keys is redis.cache:
-        g.cache_prefetch_key = services.proxy_cache().lookup_key(
-            target, raw_query, forwarded, names
+    cache_key = None
+    if target is not None and request.method in ("GET", "HEAD"):
+        cache_key = services.proxy_cache().lookup_key(
+            target, raw_query, forwarded, list(request.headers.keys())
         )
+    g.proxy_request = ProxyRequest(target, refusal, raw_query, forwarded, cache_key)
+    redis = services.redis()
+    if redis.keys is redis.cache:
+        g.cache_prefetch_key = cache_key
 
 
 bp.before_request(plan_request)
@@ -105,7 +107,7 @@ def proxy(path: str) -> Response:
                 target,
                 raw_query,
                 headers,
-                planned.client_header_names,
+                planned.cache_key,
                 g.get("cache_prefetched"),
             )
         else:

@@ -124,12 +124,12 @@ class ProxyCache:
         path: str,
         query: str,
         forwarded: Mapping[str, str],
-        client_header_names: Sequence[str],
+        key: str | None,
         prefetched: Prefetched | None = None,
     ) -> Served:
-        """Answer a GET or HEAD. Raises UpstreamError when the upstream failed and no stored
-        response may stand in. ``prefetched``: the entry, when it was read ahead."""
-        key = self.lookup_key(path, query, forwarded, client_header_names)
+        """Answer a GET or HEAD under ``key`` (from ``lookup_key``; None: straight upstream).
+        Raises UpstreamError when the upstream failed and no stored response may stand in.
+        ``prefetched``: the entry, when it was read ahead."""
         if key is None:
             return self._pass_through(method, path, query, forwarded)
         if method == "HEAD":
