@@ -321,7 +321,11 @@ class CacheService:
         if holder is None:
             result = None
             try:
-                result = self._load_and_store(key, loader, previous, index)
+                # Our earlier look (perhaps read ahead with the key check) may predate a load
+                # that finished since: what it stored serves us without another.
+                result = self._fresh_since(key, previous, usable)
+                if result is None:
+                    result = self._load_and_store(key, loader, previous, index)
                 return result
             finally:
                 stored = result is not None and result.outcome is not Outcome.BYPASS
@@ -330,6 +334,24 @@ class CacheService:
         if waited is not None:
             return waited
         return self._load_and_store(key, loader, previous, index)
+
+    def _fresh_since(
+        self, key: str, previous: Stored | None, usable: Callable[[Stored], bool]
+    ) -> Result | None:
+        """A fresh, usable entry stored after ``previous``, as a HIT; else None."""
+        try:
+            current = self.get(key)
+        except RedisUnavailable:
+            return None
+        previous_at = previous.stored_at if previous else None
+        if (
+            current is None
+            or current.stored_at == previous_at
+            or time.time() >= current.fresh_until
+            or not usable(current)
+        ):
+            return None
+        return Result(current.value, Outcome.HIT, current)
 
     def _wait_for_other_load(
         self,

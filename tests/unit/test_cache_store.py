@@ -307,3 +307,18 @@ def test_a_waiter_in_the_same_worker_does_not_take_another_variant(
     first.join(timeout=10)
     assert results == {"mobile": b"for-mobile", "desktop": b"for-desktop"}
     assert (leader.calls, follower.calls) == (1, 1)
+
+
+def test_a_miss_read_ahead_before_another_load_finished_takes_its_result(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    from proxy_app.cache.store import Prefetched
+
+    cache = make_cache(make_redis(), spawned)
+    # This request read the entry (absent) with its key check; another worker stored it since.
+    cache.set("k", b"stored-meanwhile", ttl_s=60)
+    loader = CountingLoader(Load(b"second-load"))
+    result = cache.wrap("k", loader, prefetched=Prefetched("k", None))
+    assert (result.outcome, result.value) == (Outcome.HIT, b"stored-meanwhile")
+    assert loader.calls == 0
+    assert not cache.redis.client.exists("proxy:lock:k")
