@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import threading
 import time
 import weakref
@@ -31,12 +32,24 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 # Buckets from sub-millisecond cache hits to slow upstream calls.
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+log = logging.getLogger(__name__)
+
 # Tallies older than this are written out by the next request, or by the background flusher.
 FLUSH_INTERVAL_S = 1.0
 
 _flushed: weakref.WeakSet[Metrics] = weakref.WeakSet()
 _flusher_lock = threading.Lock()
 _flusher_started = False
+
+
+def flush_all() -> None:
+    """Flush every instance; one failing never stops the others, or the next round (a dead
+    flusher would freeze the metrics of idle workers)."""
+    for instance in list(_flushed):
+        try:
+            instance.flush()
+        except Exception:
+            log.warning("writing the metrics failed", exc_info=True)
 
 
 def _start_flusher(metrics: Metrics) -> None:
@@ -51,10 +64,12 @@ def _start_flusher(metrics: Metrics) -> None:
         _flusher_started = True
 
     def flush_forever() -> None:
-        while True:
-            time.sleep(FLUSH_INTERVAL_S)
-            for instance in list(_flushed):
-                instance.flush()
+        try:
+            while True:
+                time.sleep(FLUSH_INTERVAL_S)
+                flush_all()
+        except BaseException:  # the worker is exiting and kills its greenlets
+            return
 
     threading.Thread(target=flush_forever, name="metrics-flush", daemon=True).start()
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from proxy_app.metrics import LATENCY_BUCKETS_S, Metrics
@@ -55,3 +56,21 @@ def test_upstream_latency_is_tallied_and_exposed() -> None:
     text = metrics.render().decode()
     assert 'proxy_upstream_request_duration_seconds_count{method="GET"} 2.0' in text
     assert 'proxy_upstream_request_duration_seconds_bucket{le="0.005",method="GET"} 1.0' in text
+
+
+def test_one_failing_flush_stops_neither_the_others_nor_the_flusher(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from proxy_app import metrics as metrics_module
+
+    broken, healthy = Metrics(), Metrics()
+    for instance in (broken, healthy):
+        instance.observe_request("proxy", "GET", 200, 0.01)
+
+    def fail() -> None:
+        raise ValueError("mmap closed or invalid")
+
+    monkeypatch.setattr(broken, "flush", fail)
+    metrics_module.flush_all()  # must not raise
+    assert "writing the metrics failed" in caplog.text
+    assert 'route="proxy",status="200"} 1.0' in generate_latest(healthy.registry).decode()
