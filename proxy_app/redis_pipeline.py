@@ -1,16 +1,20 @@
 """One Redis connection shared by every request of a worker, for the per-request commands.
 
-Commands are written as they come and their replies matched to them in order (Redis answers in
+Commands are queued as they come and their replies matched to them in order (Redis answers in
 order), so concurrent requests share one connection and its round trips instead of each taking
-a pooled connection and paying for its checks. A caller waits at most the timeout for its reply;
-a late reply is still consumed in turn, so the connection never loses its place. Each socket has
-its own queue of waiters: when one breaks, only its own pending commands fail, and the next
-command opens a new socket whose replies can never be mistaken for the old one's.
+a pooled connection and paying for its checks. Each socket has a writer and a reader of its own
+(greenlets under gevent): the writer sends whatever commands queued up since its last write in
+one write, so requests that become ready together reach Redis in one packet, and the reader
+hands each reply to its waiter. A caller waits at most the timeout for its reply; a late reply
+is still consumed in turn, so the connection never loses its place. Each socket has its own
+queue of waiters: when one breaks, only its own pending commands fail, and the next command
+opens a new socket whose replies can never be mistaken for the old one's.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import socket
 import threading
 from typing import Any
@@ -44,13 +48,15 @@ class _Waiter:
 
 
 class _Link:
-    """One socket and the commands written to it that still await their replies."""
+    """One socket, the commands queued for it and those that still await their replies."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lock = threading.Lock()
+        # Commands not yet written, and the waiters of every command queued, in the same order.
+        self.outgoing: list[bytes] = []
         self.waiters: collections.deque[_Waiter] = collections.deque()
-        self.reading = False
+        self.wake_writer = threading.Event()
         self.broken = False
 
 
@@ -92,14 +98,8 @@ class PipelinedConnection:
             if link.broken:
                 raise PipelineError("the Redis connection was lost")
             link.waiters.append(waiter)
-            try:
-                link.sock.sendall(payload)
-            except OSError as exc:
-                self._break(link, exc)
-                raise PipelineError(f"writing to Redis failed: {exc}") from exc
-            if not link.reading:
-                link.reading = True
-                threading.Thread(target=self._read_replies, args=(link,), daemon=True).start()
+            link.outgoing.append(payload)
+            link.wake_writer.set()
         if not waiter.done.wait(self.timeout_s):
             raise PipelineTimeout("Redis did not answer in time")
         if waiter.error is not None:
@@ -122,8 +122,11 @@ class PipelinedConnection:
         try:
             if self._link is not None:  # somebody else connected meanwhile
                 return self._link
-            self._link = _Link(self._open_socket())
-            return self._link
+            link = _Link(self._open_socket())
+            threading.Thread(target=self._write_commands, args=(link,), daemon=True).start()
+            threading.Thread(target=self._read_replies, args=(link,), daemon=True).start()
+            self._link = link
+            return link
         finally:
             self._connecting.release()
 
@@ -151,15 +154,28 @@ class PipelinedConnection:
             raise PipelineError(f"connecting to Redis failed: {exc}") from exc
         return sock
 
+    def _write_commands(self, link: _Link) -> None:
+        """Runs as long as the link: writes the queued commands, all that queued up at once."""
+        while True:
+            link.wake_writer.wait()
+            with link.lock:
+                if link.broken:
+                    return
+                data = b"".join(link.outgoing)
+                link.outgoing.clear()
+                link.wake_writer.clear()
+            try:
+                link.sock.sendall(data)
+            except OSError as exc:
+                with link.lock:
+                    self._break(link, PipelineError(f"writing to Redis failed: {exc}"))
+                return
+
     def _read_replies(self, link: _Link) -> None:
-        """Runs while commands are pending on this link: hands each reply to its waiter."""
+        """Runs as long as the link: hands each reply to its waiter."""
         reader = hiredis.Reader()
         try:
-            while True:
-                with link.lock:
-                    if not link.waiters or link.broken:
-                        link.reading = False
-                        return
+            while not link.broken:
                 try:
                     data = link.sock.recv(READ_SIZE)
                 except TimeoutError:
@@ -176,14 +192,19 @@ class PipelinedConnection:
         except Exception as exc:  # whatever broke the stream, this link is done
             with link.lock:
                 self._break(link, exc)
-                link.reading = False
 
     def _break(self, link: _Link, error: BaseException) -> None:
         """With ``link.lock`` held: close the link and fail the commands waiting on it."""
+        if link.broken:
+            return
         link.broken = True
         if self._link is link:
             self._link = None
+        with contextlib.suppress(OSError):
+            link.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv
         link.sock.close()
+        link.outgoing.clear()
+        link.wake_writer.set()  # the writer sees the link broken and ends
         while link.waiters:
             waiter = link.waiters.popleft()
             waiter.error = error

@@ -79,11 +79,36 @@ def test_the_database_in_the_url_is_selected(redis_server: RedisServer) -> None:
 def test_a_restarted_redis_fails_pending_work_then_reconnects(
     connection: PipelinedConnection, redis_server: RedisServer
 ) -> None:
+    import time
+
+    assert connection.execute("PING") == b"PONG"
+    outcome: list[BaseException | bytes] = []
+
+    def pending() -> None:
+        try:
+            outcome.append(connection.execute("EVAL", SPIN, 0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=pending)
+    thread.start()
+    time.sleep(0.05)  # the script is running
+    redis_server.stop()  # SIGKILL: its reply never comes
+    thread.join(timeout=10)
+    # The command failed when the connection went, not when its time ran out.
+    assert len(outcome) == 1
+    assert isinstance(outcome[0], PipelineError)
+    assert not isinstance(outcome[0], PipelineTimeout)
+    redis_server.start()
+    assert connection.execute("PING") == b"PONG"  # a new socket to the new server
+
+
+def test_an_idle_connection_notices_a_restart_before_the_next_command(
+    connection: PipelinedConnection, redis_server: RedisServer
+) -> None:
     assert connection.execute("PING") == b"PONG"
     redis_server.stop()
     redis_server.start()
-    with pytest.raises(PipelineError):
-        connection.execute("PING")  # on the connection the old server dropped
     assert connection.execute("PING") == b"PONG"
 
 
