@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flask import Flask
 
 from proxy_app.settings import Settings
 
 # Background cache refreshes a worker runs at once; more are skipped, not queued.
 REFRESH_POOL_SIZE = 32
+
+
+class GatewayFlask(Flask):
+    """Flask, remembering which view functions and hooks are plain functions: Flask asks for
+    every hook and view of every request, and the answer never changes."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
+
+    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            return self._sync[func]
+        except KeyError:
+            wrapped = self._sync[func] = super().ensure_sync(func)
+            return wrapped
+        except TypeError:  # not hashable
+            return super().ensure_sync(func)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -33,7 +54,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings = from_environment()
     register_secrets([settings.admin_api_token, settings.upstream_api_key])
 
-    app = Flask(__name__, static_folder=None)
+    app = GatewayFlask(__name__, static_folder=None)
     # One byte over the limit: werkzeug stops reading there without an error, so a chunked
     # body that comes back longer than the limit is known to be too large.
     app.config["MAX_CONTENT_LENGTH"] = settings.proxy_body_limit_bytes + 1

@@ -3,6 +3,8 @@ and the response headers allowed back."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import string
 from collections.abc import Iterable
@@ -80,6 +82,40 @@ def split_raw_uri(raw_uri: str) -> tuple[str, str]:
         raw_uri = after_scheme[slash:] if slash >= 0 else "/"
     path, _, query = raw_uri.partition("?")
     return path, query
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    """A request target judged: the upstream path (None when refused, ``refusal`` then says
+    why) and the normalised raw query."""
+
+    path: str | None
+    query: str
+    refusal: str | None = None
+
+
+# Request targets up to this length are remembered once judged (clients repeat them); longer
+# ones are judged every time, so the memory they take stays small.
+_REMEMBERED_TARGET_LENGTH = 512
+
+
+def judge_target(raw_uri: str) -> Target:
+    """The upstream target for a raw request URI (path and query as the client sent them)."""
+    if len(raw_uri) <= _REMEMBERED_TARGET_LENGTH:
+        return _remembered_target(raw_uri)
+    return _judged_target(raw_uri)
+
+
+def _judged_target(raw_uri: str) -> Target:
+    raw_path, raw_query = split_raw_uri(raw_uri)
+    query = normalize_percent_encoding(raw_query)
+    try:
+        return Target(upstream_path(raw_path, query), query)
+    except BadRequest as exc:
+        return Target(None, query, exc.message)
+
+
+_remembered_target = functools.lru_cache(maxsize=4096)(_judged_target)
 
 
 def upstream_path(raw_path: str, raw_query: str) -> str:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
-import uuid
 
 from flask import Flask, Response, g, request
 
@@ -32,7 +32,7 @@ def route_group(path: str) -> str:
 def _start_request() -> None:
     g.started = time.perf_counter()
     incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
     g.request_id_token = set_request_id(g.request_id)
 
 

@@ -101,7 +101,9 @@ def add_rate_limit_headers(response: Response) -> Response:
     """after_request of the proxy: every answer to a known key says where its limit stands."""
     state: RateLimitState | None = g.get("rate_limit")
     if state is not None:
-        response.headers.update(rate_limit_headers(services.access_gate().policy, state))
+        # Appended: no answer carries these names before this point (upstream ones are not
+        # passed on), so there is nothing to replace.
+        response.headers.extend(rate_limit_headers(services.access_gate().policy, state))
     return response
 
 

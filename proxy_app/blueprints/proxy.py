@@ -21,12 +21,7 @@ from proxy_app.errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
-from proxy_app.forwarding import (
-    forward_request_headers,
-    normalize_percent_encoding,
-    split_raw_uri,
-    upstream_path,
-)
+from proxy_app.forwarding import forward_request_headers, judge_target
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -58,20 +53,18 @@ def plan_request() -> None:
     """before_request, ahead of the key check: judge the target and, for a GET or HEAD that may
     be answered from the cache, name the entry so the key check can read it along (one Redis
     round trip for both, when keys and cache share a Redis)."""
-    raw_path, raw_query = split_raw_uri(_raw_uri())
-    raw_query = normalize_percent_encoding(raw_query)
-    forwarded = forward_request_headers(request.headers.items(), g.request_id)
-    try:
-        target: str | None = upstream_path(raw_path, raw_query)
-        refusal = None
-    except BadRequest as exc:
-        target, refusal = None, exc
+    judged = judge_target(_raw_uri())
+    client_headers = list(request.headers.items())
+    forwarded = forward_request_headers(client_headers, g.request_id)
+    refusal = None
+    if judged.refusal is not None:
+        refusal = BadRequest(judged.refusal, code="invalid_path")
     cache_key = None
-    if target is not None and request.method in ("GET", "HEAD"):
+    if judged.path is not None and request.method in ("GET", "HEAD"):
         cache_key = services.proxy_cache().lookup_key(
-            target, raw_query, forwarded, list(request.headers.keys())
+            judged.path, judged.query, forwarded, [name for name, _ in client_headers]
         )
-    g.proxy_request = ProxyRequest(target, refusal, raw_query, forwarded, cache_key)
+    g.proxy_request = ProxyRequest(judged.path, refusal, judged.query, forwarded, cache_key)
     redis = services.redis()
     if redis.keys is redis.cache:
         g.cache_prefetch_key = cache_key

@@ -7,6 +7,7 @@ from proxy_app.forwarding import (
     filter_response_headers,
     forward_request_headers,
     gateway_location,
+    judge_target,
     path_problem,
     split_raw_uri,
     upstream_path,
@@ -195,3 +196,17 @@ def test_locations_into_the_upstream_become_gateway_paths(location: str, expecte
 
 def test_origin_relative_location_with_a_base_url_without_path() -> None:
     assert gateway_location("/things/2", "https://up.example") == "/api/v1/things/2"
+
+
+@pytest.mark.parametrize("padding", [0, 600])  # remembered, and too long to be remembered
+def test_judge_target_gives_the_same_answer_every_time(padding: int) -> None:
+    pad = "a" * padding
+    for _ in range(2):
+        safe = judge_target(f"/api/v1/users/%6De/{pad}?q=%7e&x=%2f")
+        assert (safe.path, safe.query, safe.refusal) == (f"/users/me/{pad}", "q=~&x=%2F", None)
+        refused = judge_target(f"/api/v1/%2e%2e/admin/{pad}?q=1")
+        assert refused.path is None
+        assert refused.query == "q=1"
+        assert refused.refusal == "The path was refused: dot segments."
+        outside = judge_target(f"/elsewhere/{pad}")
+        assert outside.refusal == "The path is not under /api/v1."
