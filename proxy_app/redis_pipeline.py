@@ -5,10 +5,11 @@ order), so concurrent requests share one connection and its round trips instead 
 a pooled connection and paying for its checks. Each socket has a writer and a reader of its own
 (greenlets under gevent): the writer sends whatever commands queued up since its last write in
 one write, so requests that become ready together reach Redis in one packet, and the reader
-hands each reply to its waiter. A caller waits at most the timeout for its reply; a late reply
-is still consumed in turn, so the connection never loses its place. Each socket has its own
-queue of waiters: when one breaks, only its own pending commands fail, and the next command
-opens a new socket whose replies can never be mistaken for the old one's.
+hands each reply to its waiter. A caller waits for its reply at most the timeout plus one round
+of the link's watchdog (which saves a timer per command); a late reply is still consumed in
+turn, so the connection never loses its place. Each socket has its own queue of waiters: when
+one breaks, only its own pending commands fail, and the next command opens a new socket whose
+replies can never be mistaken for the old one's.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import collections
 import contextlib
 import socket
 import threading
+import time
 from typing import Any
 
 import hiredis
@@ -24,6 +26,9 @@ from redis.connection import parse_url
 
 # Bytes read from the socket at once: many replies per read when requests pile up.
 READ_SIZE = 65536
+# How often overdue commands are looked for (at most; a quarter of the timeout when shorter):
+# a command may wait up to this much longer than the timeout.
+WATCHDOG_INTERVAL_S = 0.025
 
 
 class PipelineError(ConnectionError):
@@ -39,12 +44,19 @@ class ReplyError(Exception):
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "reply")
+    __slots__ = ("deadline", "done", "error", "reply")
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
         self.done = threading.Event()
         self.reply: Any = None
         self.error: BaseException | None = None
+
+    def settle(self, reply: Any = None, error: BaseException | None = None) -> None:
+        """With the link's lock held: the first answer (reply, failure or time-out) counts."""
+        if not self.done.is_set():
+            self.reply, self.error = reply, error
+            self.done.set()
 
 
 class _Link:
@@ -58,6 +70,7 @@ class _Link:
         self.waiters: collections.deque[_Waiter] = collections.deque()
         self.wake_writer = threading.Event()
         self.broken = False
+        self.closed = threading.Event()  # set when broken: ends the watchdog's wait at once
 
 
 class PipelinedConnection:
@@ -90,7 +103,7 @@ class PipelinedConnection:
         """Send one command and wait for its reply; raises PipelineError, PipelineTimeout or
         ReplyError."""
         payload = hiredis.pack_command(args)
-        waiter = _Waiter()
+        waiter = _Waiter(time.monotonic() + self.timeout_s)
         link = self._link or self._connect()
         if link.broken:  # it broke since we looked: nothing was written yet, use a new one
             link = self._connect()
@@ -100,8 +113,10 @@ class PipelinedConnection:
             link.waiters.append(waiter)
             link.outgoing.append(payload)
             link.wake_writer.set()
-        if not waiter.done.wait(self.timeout_s):
-            raise PipelineTimeout("Redis did not answer in time")
+        # No timer per command: the link's watchdog settles overdue waiters.
+        waiter.done.wait()
+        if isinstance(waiter.error, PipelineTimeout):
+            raise PipelineTimeout(str(waiter.error))
         if waiter.error is not None:
             raise PipelineError(str(waiter.error)) from waiter.error
         if isinstance(waiter.reply, hiredis.ReplyError):
@@ -125,6 +140,7 @@ class PipelinedConnection:
             link = _Link(self._open_socket())
             threading.Thread(target=self._write_commands, args=(link,), daemon=True).start()
             threading.Thread(target=self._read_replies, args=(link,), daemon=True).start()
+            threading.Thread(target=self._expire_waiters, args=(link,), daemon=True).start()
             self._link = link
             return link
         finally:
@@ -185,13 +201,21 @@ class PipelinedConnection:
                 reader.feed(data)
                 while (reply := reader.gets()) is not False:
                     with link.lock:
-                        waiter = link.waiters.popleft() if link.waiters else None
-                    if waiter is not None:
-                        waiter.reply = reply
-                        waiter.done.set()
+                        if link.waiters:  # an overdue waiter's late reply is dropped here
+                            link.waiters.popleft().settle(reply)
         except Exception as exc:  # whatever broke the stream, this link is done
             with link.lock:
                 self._break(link, exc)
+
+    def _expire_waiters(self, link: _Link) -> None:
+        """Runs as long as the link: fails the commands whose time is up. They stay queued, so
+        that their replies, when they come, are consumed in turn."""
+        while not link.closed.wait(min(WATCHDOG_INTERVAL_S, self.timeout_s / 4)):
+            now = time.monotonic()
+            with link.lock:
+                for waiter in link.waiters:
+                    if waiter.deadline <= now:
+                        waiter.settle(error=PipelineTimeout("Redis did not answer in time"))
 
     def _break(self, link: _Link, error: BaseException) -> None:
         """With ``link.lock`` held: close the link and fail the commands waiting on it."""
@@ -205,10 +229,9 @@ class PipelinedConnection:
         link.sock.close()
         link.outgoing.clear()
         link.wake_writer.set()  # the writer sees the link broken and ends
+        link.closed.set()
         while link.waiters:
-            waiter = link.waiters.popleft()
-            waiter.error = error
-            waiter.done.set()
+            link.waiters.popleft().settle(error=error)
 
 
 def _read_one(sock: socket.socket, reader: hiredis.Reader) -> Any:
