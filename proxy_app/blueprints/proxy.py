@@ -122,15 +122,19 @@ def _upstream_errors_as_responses() -> Iterator[None]:
         ) from None
 
 
+class UpstreamAnswer(Response):
+    """A response with the upstream's headers only: no content-type of Flask's own when the
+    upstream sent none."""
+
+    default_mimetype = None
+
+
 def client_response(served: Served) -> Response:
     """The client's copy: status, body bytes and safe headers, plus what the cache did."""
-    response = Response(served.body, status=served.status)
-    del response.headers["content-type"]
-    for name, value in served.headers:
-        response.headers.add(name, value)
-    response.headers["x-cache"] = served.outcome.value
+    headers = [*served.headers, ("x-cache", served.outcome.value)]
     if served.age_s is not None:
-        response.headers["age"] = str(served.age_s)
+        headers.append(("age", str(served.age_s)))
+    response = UpstreamAnswer(served.body, status=served.status, headers=headers)
     settings = services.settings()
     if settings.cache_debug and served.key is not None:
         response.headers["x-cache-key-hash"] = key_hash(served.key)
