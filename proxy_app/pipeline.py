@@ -15,6 +15,7 @@ from proxy_app.logging import reset_request_id, set_request_id
 log = logging.getLogger("proxy_app.access")
 
 REQUEST_ID_HEADER = "x-request-id"
+_REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI names it
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Metric labels take these methods as they are and any other as OTHER: clients choose the method,
 # and every distinct label value is a new time series.
@@ -31,21 +32,23 @@ def route_group(path: str) -> str:
 
 def _start_request() -> None:
     g.started = time.perf_counter()
-    incoming = request.headers.get(REQUEST_ID_HEADER, "")
-    g.request_id = incoming if _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
-    g.request_id_token = set_request_id(g.request_id)
+    incoming = request.environ.get(_REQUEST_ID_ENVIRON, "")
+    request_id = incoming if _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
+    g.request_id = request_id
+    g.request_id_token = set_request_id(request_id)
 
 
 def _finish_request(response: Response) -> Response:
     response.headers[REQUEST_ID_HEADER] = g.request_id
     duration_s = time.perf_counter() - g.started
     group = route_group(request.path)
-    method = request.method if request.method in _METHOD_LABELS else "OTHER"
-    services.metrics().observe_request(group, method, response.status_code, duration_s)
+    method = request.method
+    label = method if method in _METHOD_LABELS else "OTHER"
+    services.metrics().observe_request(group, label, response.status_code, duration_s)
     level = logging.DEBUG if group == "health" else logging.INFO
     if log.isEnabledFor(level):
         fields: dict[str, object] = {
-            "method": request.method,
+            "method": method,
             "path": request.path,
             "status": response.status_code,
             "duration_ms": round(duration_s * 1000, 2),

@@ -17,6 +17,7 @@ from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
 from proxy_app.redis import RedisService, RedisUnavailable
 
 API_KEY_HEADER = "x-api-key"
+_API_KEY_ENVIRON = "HTTP_X_API_KEY"  # the header as WSGI names it
 _OUTCOMES = frozenset({b"ok", b"limited", b"unknown", b"revoked", b"expired"})
 _SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
 _REJECTIONS = {
@@ -66,7 +67,7 @@ class AccessGate:
 
 def enforce_api_key() -> None:
     """before_request of the proxy: the key check, then the rate limit."""
-    raw_key = request.headers.get(API_KEY_HEADER, "").strip()
+    raw_key = request.environ.get(_API_KEY_ENVIRON, "").strip()
     if not raw_key:
         _reject("missing")
     key_id = key_id_of(raw_key)

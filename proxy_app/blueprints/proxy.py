@@ -91,12 +91,13 @@ def proxy(path: str) -> Response:
     if planned.target is None:
         raise planned.refusal or BadRequest("The path was refused.", code="invalid_path")
     target, raw_query, headers = planned.target, planned.query, planned.forwarded
-    body = _json_body()
+    method = request.method
+    body = _json_body(method)
     cache = services.proxy_cache()
     with _upstream_errors_as_responses():
-        if request.method in ("GET", "HEAD"):
+        if method in ("GET", "HEAD"):
             served = cache.fetch(
-                request.method,
+                method,
                 target,
                 raw_query,
                 headers,
@@ -104,8 +105,8 @@ def proxy(path: str) -> Response:
                 g.get("cache_prefetched"),
             )
         else:
-            served = cache.forward_write(request.method, target, raw_query, headers, body)
-    return client_response(served)
+            served = cache.forward_write(method, target, raw_query, headers, body)
+    return client_response(served, method)
 
 
 @contextlib.contextmanager
@@ -129,7 +130,7 @@ class UpstreamAnswer(Response):
     default_mimetype = None
 
 
-def client_response(served: Served) -> Response:
+def client_response(served: Served, method: str) -> Response:
     """The client's copy: status, body bytes and safe headers, plus what the cache did."""
     headers = [*served.headers, ("x-cache", served.outcome.value)]
     if served.age_s is not None:
@@ -138,7 +139,7 @@ def client_response(served: Served) -> Response:
     settings = services.settings()
     if settings.cache_debug and served.key is not None:
         response.headers["x-cache-key-hash"] = key_hash(served.key)
-    if request.method == "HEAD" and served.upstream is not None and served.outcome == "BYPASS":
+    if method == "HEAD" and served.upstream is not None and served.outcome == "BYPASS":
         length = served.upstream.header("content-length")
         if length is not None and length.isdigit():
             response.headers["content-length"] = length
@@ -159,9 +160,9 @@ def _raw_uri() -> str:
     return request.script_root + request.path + (f"?{query}" if query else "")
 
 
-def _json_body() -> bytes | None:
+def _json_body(method: str) -> bytes | None:
     """The request body when there is one: JSON only, within PROXY_BODY_LIMIT, bytes unchanged."""
-    if request.method not in _BODY_METHODS:
+    if method not in _BODY_METHODS:
         return None
     length = request.content_length
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
