@@ -4,9 +4,11 @@ place where requests/urllib3 errors become ours."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.cookiejar
 import time
 from collections.abc import Mapping, Sequence
+from urllib.parse import urlsplit
 
 import requests
 import urllib3.exceptions
@@ -112,6 +114,36 @@ def _session(max_retries: Retry, pool_size: int) -> requests.Session:
     return session
 
 
+# Prepared URLs up to this length are remembered (the same few come back again and again).
+_REMEMBERED_URL_LENGTH = 1024
+
+
+def _prepare(
+    method: str, url: str, headers: Mapping[str, str], body: bytes | None, *, url_auth: bool
+) -> requests.PreparedRequest:
+    """What ``requests.Request(...).prepare()`` builds, with each URL's preparation (parsing,
+    IDNA, requoting) done once, and the URL's credentials looked for only when it has some."""
+    prepared = requests.PreparedRequest()
+    prepared.prepare_method(method)
+    prepared.url = _prepared_url(url) if len(url) <= _REMEMBERED_URL_LENGTH else _prepare_url(url)
+    prepared.prepare_headers(headers)
+    prepared.prepare_cookies(None)  # an empty jar: none are kept, but requests expects one
+    prepared.prepare_body(body, None)
+    if url_auth:
+        prepared.prepare_auth(None, url)
+    prepared.prepare_hooks(None)
+    return prepared
+
+
+def _prepare_url(url: str) -> str:
+    prepared = requests.PreparedRequest()
+    prepared.prepare_url(url, None)
+    return str(prepared.url)
+
+
+_prepared_url = functools.lru_cache(maxsize=4096)(_prepare_url)
+
+
 def join_url(base_url: str, path: str, query: str = "") -> str:
     """Append a path (and raw query) to the base URL, keeping the base's own path."""
     if not path.startswith("/"):
@@ -140,6 +172,8 @@ class UpstreamClient:
         # the pauses between attempts.
         self.max_duration_s = (retries + 1) * 2 * self.timeout_s + retries * RETRY_BACKOFF_MAX_S
         self._api_key = api_key
+        # Credentials in the base URL become basic auth, as requests would send them.
+        self._url_auth = bool(base_url) and "@" in urlsplit(base_url or "").netloc
         self._retrying = _session(retry_policy(retries), pool_size)
         self._single_attempt = _session(
             Retry(total=0, redirect=False, raise_on_status=False), pool_size
@@ -201,7 +235,7 @@ class UpstreamClient:
         try:
             # Prepared here and sent as is: no merging of session headers, cookies or
             # environment settings, none of which the proxy wants.
-            prepared = requests.Request(method, url, headers=sent_headers, data=body).prepare()
+            prepared = _prepare(method, url, sent_headers, body, url_auth=self._url_auth)
             response = session.send(
                 prepared,
                 stream=True,

@@ -71,6 +71,36 @@ def test_no_api_key_header_when_none_is_configured() -> None:
     assert "api_key" not in mock.last_request.headers
 
 
+def test_credentials_in_the_base_url_become_basic_auth() -> None:
+    client = UpstreamClient("https://svc:s3cret@up.example/v4", timeout_ms=500, retries=0)
+    with requests_mock.Mocker() as mock:
+        mock.get("https://svc:s3cret@up.example/v4/x", content=b"")
+        client.request("GET", "/x")
+        client.request("GET", "/x")  # the URL's preparation is remembered; the auth is not lost
+    assert [r.headers["Authorization"] for r in mock.request_history] == [
+        "Basic c3ZjOnMzY3JldA=="
+    ] * 2
+
+
+def test_no_authorization_is_sent_without_credentials_in_the_base_url(
+    upstream: UpstreamClient,
+) -> None:
+    with requests_mock.Mocker() as mock:
+        mock.get(f"{BASE}/x", content=b"")
+        upstream.request("GET", "/x")
+    assert "Authorization" not in mock.last_request.headers
+
+
+@pytest.mark.parametrize("length", [10, 2000])  # remembered, and too long to be remembered
+def test_urls_are_requoted_as_requests_would(upstream: UpstreamClient, length: int) -> None:
+    query = "q=a b|c&pad=" + "x" * length
+    with requests_mock.Mocker() as mock:
+        mock.get(f"{BASE}/x", content=b"")
+        for _ in range(2):
+            upstream.request("GET", "/x", query=query)
+    assert [r.url for r in mock.request_history] == [f"{BASE}/x?q=a%20b%7Cc&pad={'x' * length}"] * 2
+
+
 def test_redirects_are_returned_not_followed(upstream: UpstreamClient) -> None:
     with requests_mock.Mocker() as mock:
         mock.get(f"{BASE}/old", status_code=302, headers={"Location": "https://evil.example/"})
