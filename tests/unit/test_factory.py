@@ -43,3 +43,20 @@ def test_two_apps_do_not_share_metrics(make_settings: Callable[..., Settings]) -
         second_text = services.metrics().render().decode()
     assert 'route="health"' in first_text
     assert 'route="health"' not in second_text
+
+
+def test_a_worker_puts_its_app_beyond_the_collectors_reach(
+    make_settings: Callable[..., Settings],
+) -> None:
+    import gc
+
+    from proxy_app.__main__ import GatewayServer
+
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        GatewayServer(make_settings()).load()
+        # What the app was built from is frozen: full collections skip it.
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
