@@ -2,33 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
-from flask import Flask
+from typing import TYPE_CHECKING
 
 from proxy_app.settings import Settings
 
+if TYPE_CHECKING:
+    from flask import Flask
+
 # Background cache refreshes a worker runs at once; more are skipped, not queued.
 REFRESH_POOL_SIZE = 32
-
-
-class GatewayFlask(Flask):
-    """Flask, remembering which view functions and hooks are plain functions: Flask asks for
-    every hook and view of every request, and the answer never changes."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._sync: dict[Callable[..., Any], Callable[..., Any]] = {}
-
-    def ensure_sync(self, func: Callable[..., Any]) -> Callable[..., Any]:
-        try:
-            return self._sync[func]
-        except KeyError:
-            wrapped = self._sync[func] = super().ensure_sync(func)
-            return wrapped
-        except TypeError:  # not hashable
-            return super().ensure_sync(func)
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -44,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
+    from proxy_app.gateway_flask import GatewayFlask
     from proxy_app.logging import register_secrets
     from proxy_app.metrics import Metrics
     from proxy_app.redis import RedisConnections

@@ -60,3 +60,19 @@ def test_a_worker_puts_its_app_beyond_the_collectors_reach(
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_the_server_process_stays_light() -> None:
+    """The gunicorn master only validates settings and supervises: the web stack, Redis and
+    HTTP clients are imported by the workers (after gevent's patching), not by it."""
+    import subprocess
+    import sys
+
+    heavy = ("flask", "werkzeug", "requests", "redis", "prometheus_client")
+    probe = (
+        f"import sys, proxy_app.__main__; print(','.join(m for m in {heavy!r} if m in sys.modules))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.strip()
+    assert loaded == ""
