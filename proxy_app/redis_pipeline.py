@@ -26,9 +26,10 @@ from redis.connection import parse_url
 
 # Bytes read from the socket at once: many replies per read when requests pile up.
 READ_SIZE = 65536
-# How often overdue commands are looked for (at most; a quarter of the timeout when shorter):
-# a command may wait up to this much longer than the timeout.
+# How often overdue commands are looked for: every 25 ms, or a quarter of a shorter timeout but
+# not more often than every 2 ms. A command may wait up to that much longer than the timeout.
 WATCHDOG_INTERVAL_S = 0.025
+WATCHDOG_MIN_INTERVAL_S = 0.002
 
 
 class PipelineError(ConnectionError):
@@ -210,12 +211,15 @@ class PipelinedConnection:
     def _expire_waiters(self, link: _Link) -> None:
         """Runs as long as the link: fails the commands whose time is up. They stay queued, so
         that their replies, when they come, are consumed in turn."""
-        while not link.closed.wait(min(WATCHDOG_INTERVAL_S, self.timeout_s / 4)):
+        while not link.closed.wait(self._watchdog_interval_s()):
             now = time.monotonic()
             with link.lock:
                 for waiter in link.waiters:
                     if waiter.deadline <= now:
                         waiter.settle(error=PipelineTimeout("Redis did not answer in time"))
+
+    def _watchdog_interval_s(self) -> float:
+        return max(WATCHDOG_MIN_INTERVAL_S, min(WATCHDOG_INTERVAL_S, self.timeout_s / 4))
 
     def _break(self, link: _Link, error: BaseException) -> None:
         """With ``link.lock`` held: close the link and fail the commands waiting on it."""

@@ -207,3 +207,29 @@ def test_a_hanging_connect_holds_nobody_longer_than_the_timeout(
     assert len(took) == 8
     # Queued one behind another, the last would wait 8 x 0.2 s.
     assert max(took) < 1.2
+
+
+def test_a_silent_server_fails_each_command_after_its_timeout() -> None:
+    import socketserver
+    import time
+
+    class Silent(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            while self.request.recv(1024):
+                pass  # reads every command, answers none
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Silent)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pipelined = PipelinedConnection(f"redis://127.0.0.1:{server.server_address[1]}/0", 0.1)
+    try:
+        for _ in range(2):  # the first on a new socket, the second behind the first's late reply
+            started = time.monotonic()
+            with pytest.raises(PipelineTimeout):
+                pipelined.execute("PING")
+            took = time.monotonic() - started
+            assert 0.1 <= took < 2  # its own time limit, not the socket's nor forever
+    finally:
+        pipelined.close()
+        server.shutdown()
+        server.server_close()
