@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import gevent
+import pytest
+from flask import Flask
+
+from proxy_app.pipeline import FairShare, gevent_patched
+
+
+def test_only_a_request_that_never_waited_yields(monkeypatch: pytest.MonkeyPatch) -> None:
+    fair_share = FairShare()
+    yields: list[float] = []
+    monkeypatch.setattr(fair_share, "_sleep", yields.append)
+
+    never_waited = fair_share.mark()
+    fair_share.settle(never_waited)
+    assert yields == [0]
+
+    waited = fair_share.mark()
+    gevent.sleep(0.001)  # what waiting for Redis or the upstream does: the event loop turns
+    fair_share.settle(waited)
+    assert yields == [0]  # no second yield
+
+
+def test_fair_share_is_off_without_gevent_patching(app: Flask) -> None:
+    from proxy_app.pipeline import FAIR_SHARE
+
+    assert not gevent_patched()
+    assert FAIR_SHARE not in app.extensions
