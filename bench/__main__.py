@@ -35,6 +35,11 @@ created through the admin API), so hits and pass-throughs are keyed ones:
   resident memory (VmRSS from ``/proc``) of the gateway summed over its gunicorn master and
   workers (the master's descendants), in MB of 2^20 bytes; PSS (shared pages split among their
   sharers) is printed too. Goal: at most 150 MB.
+- ``fairness``: keyed cache hits on half the connections, alone (``--duration``) and then next
+  to keyless requests (401s, which need no I/O) on the other half, both to the same gateway;
+  prints what each gets (req/s, p50, p99). No verdict: it shows whether a stream of cheap
+  requests crowds out the others (under gevent a request that never waits never lets the other
+  connections of its worker run; the gateway makes such requests yield once).
 - ``stampede``: ``--stampede N`` threads (default 100) each open a connection to a second
   gateway whose upstream answers after 300 ms (``bench/slow_upstream.py``, which counts requests
   per path), wait at a barrier and then all GET one never-requested path with ``Connection:

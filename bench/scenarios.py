@@ -693,6 +693,46 @@ def _stampede_2_probe(stack: Stack, options: Options) -> ProbeReport:
     return _stampede(stack, options, gateways, "stampede-2", STAMPEDE_2_GOALS)
 
 
+def _fairness_probe(stack: Stack, options: Options) -> ProbeReport:
+    """Keyed cache hits on half the connections while the other half send keyless requests
+    (401s, answered without any I/O) to the same gateway: what the hits get, next to what they
+    get alone on as many connections. A worker serves its connections in turn only where a
+    request waits; the gateway makes I/O-free requests yield once so that they cannot crowd
+    out the others."""
+    url = f"{stack.gateway}/api/v1/cacheable/fairness"
+    headers = stack.headers(url)
+    with _session(headers) as session:
+        _warm(session, url)
+    share = max(1, options.connections // 2)
+
+    def load(with_key: bool, results: dict[str, LoadResult]) -> None:
+        sent = dict(headers) if with_key else dict(BENCH_HEADERS)
+        name = "hits" if with_key else "keyless"
+        results[name] = wrk(url, duration_s=options.duration_s, connections=share, headers=sent)
+
+    alone: dict[str, LoadResult] = {}
+    load(True, alone)
+    mixed: dict[str, LoadResult] = {}
+    threads = [threading.Thread(target=load, args=(k, mixed)) for k in (True, False)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = [
+        f"fairness: {share} connections of keyed cache hits alone: {_load_text(alone['hits'])}",
+        f"fairness: the same next to {share} connections of keyless requests (401, no I/O): "
+        f"hits {_load_text(mixed['hits'])}; keyless {_load_text(mixed['keyless'])}",
+    ]
+    return ProbeReport(lines, [])
+
+
+def _load_text(result: LoadResult) -> str:
+    return (
+        f"{result.requests_per_s:.0f} req/s, p50 {result.p50_ms:.2f} ms, "
+        f"p99 {result.p99_ms:.2f} ms, non-2xx {result.non_2xx}"
+    )
+
+
 def _counter_text(counter: Counter[str]) -> str:
     return " ".join(f"{key}={count}" for key, count in sorted(counter.items())) or "none"
 
@@ -700,6 +740,7 @@ def _counter_text(counter: Counter[str]) -> str:
 PROBES: tuple[Probe, ...] = (
     Probe("redis", _redis_probe, (REDIS_ROUND_TRIPS_GOAL, REDIS_KEY_SCALING_GOAL)),
     Probe("memory", _memory_probe, (MEMORY_GOAL,)),
+    Probe("fairness", _fairness_probe),
     Probe("stampede", _stampede_probe, (STAMPEDE_GOALS.upstream_calls, STAMPEDE_GOALS.all_ok)),
     Probe(
         "stampede-2",
