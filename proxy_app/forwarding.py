@@ -94,9 +94,9 @@ class Target:
     refusal: str | None = None
 
 
-# Request targets up to this length are remembered once judged (clients repeat them); longer
-# ones are judged every time, so the memory they take stays small.
-_REMEMBERED_TARGET_LENGTH = 512
+# Request targets up to this length are remembered once judged (clients repeat them), the 2,048
+# most recent per worker; longer ones are judged every time. At most about 1.5 MB per worker.
+_REMEMBERED_TARGET_LENGTH = 256
 
 
 def judge_target(raw_uri: str) -> Target:
@@ -115,7 +115,7 @@ def _judged_target(raw_uri: str) -> Target:
         return Target(None, query, exc.message)
 
 
-_remembered_target = functools.lru_cache(maxsize=4096)(_judged_target)
+_remembered_target = functools.lru_cache(maxsize=2048)(_judged_target)
 
 
 def upstream_path(raw_path: str, raw_query: str) -> str:

@@ -114,8 +114,9 @@ def _session(max_retries: Retry, pool_size: int) -> requests.Session:
     return session
 
 
-# Prepared URLs up to this length are remembered (the same few come back again and again).
-_REMEMBERED_URL_LENGTH = 1024
+# Prepared URLs up to this length are remembered (the same few come back again and again), the
+# 1,024 most recent per worker: at most about 1 MB.
+_REMEMBERED_URL_LENGTH = 512
 
 
 def _prepare(
@@ -141,7 +142,7 @@ def _prepare_url(url: str) -> str:
     return str(prepared.url)
 
 
-_prepared_url = functools.lru_cache(maxsize=4096)(_prepare_url)
+_prepared_url = functools.lru_cache(maxsize=1024)(_prepare_url)
 
 
 def join_url(base_url: str, path: str, query: str = "") -> str:
