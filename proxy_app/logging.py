@@ -58,10 +58,21 @@ def redact(text: str) -> str:
 class JsonFormatter(logging.Formatter):
     """Renders a record as one JSON object; extra= fields become top-level keys."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._second_text = ""
+
+    def _timestamp(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # the date and time change once a second
+            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._second_text}.{int(record.msecs):03d}Z"
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": self._timestamp(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -100,4 +111,11 @@ def logging_config(level: str) -> dict[str, Any]:
 
 
 def configure(level: str) -> None:
+    # Records need none of what logging gathers for every one by default: the lines carry no
+    # source location, thread, process or multiprocessing names (the logging HOWTO's
+    # "Optimization" settings).
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.config.dictConfig(logging_config(level))

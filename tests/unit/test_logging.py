@@ -94,3 +94,17 @@ def test_redact_leaves_ordinary_text_alone() -> None:
         assert redact("nothing to hide here") == "nothing to hide here"
     finally:
         register_secrets([])
+
+
+def test_timestamps_are_utc_with_milliseconds_across_seconds() -> None:
+    formatter = JsonFormatter()
+
+    def stamp(created: float) -> str:
+        record = logging.LogRecord("t", logging.INFO, "", 0, "m", None, None)
+        record.created, record.msecs = created, (created - int(created)) * 1000
+        return str(json.loads(formatter.format(record))["ts"])
+
+    assert stamp(1700000000.125) == "2023-11-14T22:13:20.125Z"
+    assert stamp(1700000000.875) == "2023-11-14T22:13:20.875Z"
+    assert stamp(1700000001.5) == "2023-11-14T22:13:21.500Z"
+    assert stamp(1700000000.25) == "2023-11-14T22:13:20.250Z"  # an older second again
