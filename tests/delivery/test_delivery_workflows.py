@@ -191,7 +191,7 @@ def test_image_is_tagged_with_the_commit_sha_and_deployed_by_digest(
     assert resolve_env["PUSHED_SHA"] == "${{ github.sha }}"
     meta = next(s for s in steps(jobs["build"]) if s.get("id") == "meta")
     assert "type=raw,value=${{ needs.resolve.outputs.sha }}" in meta["with"]["tags"]
-    assert "type=semver" in meta["with"]["tags"]
+    assert "type=semver" not in meta["with"]["tags"]  # release tags only after scan and signing
     build = next(s for s in steps(jobs["build"]) if s.get("id") == "build")
     assert build["with"]["platforms"] == "linux/amd64,linux/arm64"
     assert build["with"]["push"] is True
@@ -202,6 +202,19 @@ def test_image_is_tagged_with_the_commit_sha_and_deployed_by_digest(
         deploy_step = next(s for s in steps(jobs[name]) if "deploy_quantum.py" in s.get("run", ""))
         assert deploy_step["env"]["APP_IMAGE"] == "${{ needs.build.outputs.image_ref }}"
         assert deploy_step["env"]["EXPECTED_VERSION"] == "${{ needs.resolve.outputs.sha }}"
+
+
+def test_release_tags_are_pushed_only_after_scan_and_signing(deploy: dict[str, Any]) -> None:
+    build_steps = steps(deploy["jobs"]["build"])
+    names = [str(s.get("name", s.get("uses", ""))) for s in build_steps]
+    release = next(s for s in build_steps if s.get("id") == "release")
+    assert "type=semver,pattern={{version}}" in release["with"]["tags"]
+    tagging = next(i for i, s in enumerate(build_steps) if "imagetools create" in s.get("run", ""))
+    assert build_steps[tagging]["env"]["RELEASE_TAGS"] == "${{ steps.release.outputs.tags }}"
+    scan = next(i for i, n in enumerate(names) if n.startswith("Trivy scan"))
+    sign = next(i for i, s in enumerate(build_steps) if "cosign sign" in s.get("run", ""))
+    attest = next(i for i, s in enumerate(build_steps) if "cosign attest" in s.get("run", ""))
+    assert tagging > max(scan, sign, attest)
 
 
 def test_image_is_signed_and_its_sbom_attested(deploy: dict[str, Any]) -> None:
