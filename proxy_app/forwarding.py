@@ -4,13 +4,13 @@ and the response headers allowed back."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import re
 import string
 from collections.abc import Iterable
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from proxy_app.errors import BadRequest
+from proxy_app.memo import remembered
 
 GATEWAY_PREFIX = "/api/v1"
 
@@ -94,28 +94,17 @@ class Target:
     refusal: str | None = None
 
 
-# Request targets up to this length are remembered once judged (clients repeat them), the 2,048
-# most recent per worker; longer ones are judged every time. At most about 1.5 MB per worker.
-_REMEMBERED_TARGET_LENGTH = 256
-
-
+# Clients repeat their request targets: up to 256 characters, the 2,048 most recent are
+# remembered once judged (at most about 1.5 MB per worker).
+@remembered(most=2048, longest=256)
 def judge_target(raw_uri: str) -> Target:
     """The upstream target for a raw request URI (path and query as the client sent them)."""
-    if len(raw_uri) <= _REMEMBERED_TARGET_LENGTH:
-        return _remembered_target(raw_uri)
-    return _judged_target(raw_uri)
-
-
-def _judged_target(raw_uri: str) -> Target:
     raw_path, raw_query = split_raw_uri(raw_uri)
     query = normalize_percent_encoding(raw_query)
     try:
         return Target(upstream_path(raw_path, query), query)
     except BadRequest as exc:
         return Target(None, query, exc.message)
-
-
-_remembered_target = functools.lru_cache(maxsize=2048)(_judged_target)
 
 
 def upstream_path(raw_path: str, raw_query: str) -> str:

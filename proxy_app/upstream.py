@@ -4,7 +4,6 @@ place where requests/urllib3 errors become ours."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 import http.cookiejar
 import time
 from collections.abc import Mapping, Sequence
@@ -15,6 +14,7 @@ import urllib3.exceptions
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
+from proxy_app.memo import remembered
 from proxy_app.metrics import Metrics
 from proxy_app.settings import Settings
 
@@ -114,11 +114,6 @@ def _session(max_retries: Retry, pool_size: int) -> requests.Session:
     return session
 
 
-# Prepared URLs up to this length are remembered (the same few come back again and again), the
-# 1,024 most recent per worker: at most about 1 MB.
-_REMEMBERED_URL_LENGTH = 512
-
-
 def _prepare(
     method: str, url: str, headers: Mapping[str, str], body: bytes | None, *, url_auth: bool
 ) -> requests.PreparedRequest:
@@ -126,7 +121,7 @@ def _prepare(
     IDNA, requoting) done once, and the URL's credentials looked for only when it has some."""
     prepared = requests.PreparedRequest()
     prepared.prepare_method(method)
-    prepared.url = _prepared_url(url) if len(url) <= _REMEMBERED_URL_LENGTH else _prepare_url(url)
+    prepared.url = _prepared_url(url)
     prepared.prepare_headers(headers)
     prepared.prepare_cookies(None)  # an empty jar: none are kept, but requests expects one
     prepared.prepare_body(body, None)
@@ -136,13 +131,13 @@ def _prepare(
     return prepared
 
 
-def _prepare_url(url: str) -> str:
+# The same few URLs come back again and again: up to 512 characters, the 1,024 most recent are
+# remembered (at most about 1 MB per worker).
+@remembered(most=1024, longest=512)
+def _prepared_url(url: str) -> str:
     prepared = requests.PreparedRequest()
     prepared.prepare_url(url, None)
     return str(prepared.url)
-
-
-_prepared_url = functools.lru_cache(maxsize=1024)(_prepare_url)
 
 
 def join_url(base_url: str, path: str, query: str = "") -> str:
