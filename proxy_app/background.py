@@ -14,11 +14,17 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger(__name__)
 
 
-def background_spawner(size: int) -> Callable[[Callable[[], None]], bool]:
-    """A function that starts ``work`` in the background and says whether it did."""
+def on_gevent() -> bool:
+    """Whether this process runs on gevent (a gunicorn gevent worker patches before the app is
+    built); tests and tools run on plain threads."""
     import gevent.monkey
 
-    if gevent.monkey.is_module_patched("socket"):
+    return bool(gevent.monkey.is_module_patched("socket"))
+
+
+def background_spawner(size: int) -> Callable[[Callable[[], None]], bool]:
+    """A function that starts ``work`` in the background and says whether it did."""
+    if on_gevent():
         import gevent.pool
 
         pool = gevent.pool.Pool(size)

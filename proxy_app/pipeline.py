@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 import time
 
 from flask import Flask, Response, current_app, g, request
 
 from proxy_app import services
+from proxy_app.background import on_gevent
 from proxy_app.logging import reset_request_id, set_request_id
 
 log = logging.getLogger("proxy_app.access")
@@ -22,12 +22,6 @@ _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Metric labels take these methods as they are and any other as OTHER: clients choose the method,
 # and every distinct label value is a new time series.
 _METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-
-
-def gevent_patched() -> bool:
-    """Whether this process runs on gevent (a gunicorn gevent worker patches at start)."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
 
 
 def route_group(path: str) -> str:
@@ -103,7 +97,7 @@ def _teardown_request(_exc: BaseException | None) -> None:
 
 
 def init_app(app: Flask) -> None:
-    if gevent_patched():
+    if on_gevent():
         app.extensions[FAIR_SHARE] = FairShare()
     app.before_request(_start_request)
     app.after_request(_finish_request)

@@ -4,7 +4,8 @@ import gevent
 import pytest
 from flask import Flask
 
-from proxy_app.pipeline import FairShare, gevent_patched
+from proxy_app.background import on_gevent
+from proxy_app.pipeline import FairShare
 
 
 def test_only_a_request_that_never_waited_yields(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,5 +26,5 @@ def test_only_a_request_that_never_waited_yields(monkeypatch: pytest.MonkeyPatch
 def test_fair_share_is_off_without_gevent_patching(app: Flask) -> None:
     from proxy_app.pipeline import FAIR_SHARE
 
-    assert not gevent_patched()
+    assert not on_gevent()
     assert FAIR_SHARE not in app.extensions
