@@ -17,7 +17,7 @@ log = logging.getLogger("proxy_app.access")
 
 FAIR_SHARE = "proxy_app.fair_share"
 REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID_ENVIRON = "HTTP_X_REQUEST_ID"  # the header as WSGI names it
+_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")  # as WSGI names it
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Metric labels take these methods as they are and any other as OTHER: clients choose the method,
 # and every distinct label value is a new time series.

@@ -17,7 +17,7 @@ from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
 from proxy_app.redis import RedisService, RedisUnavailable
 
 API_KEY_HEADER = "x-api-key"
-_API_KEY_ENVIRON = "HTTP_X_API_KEY"  # the header as WSGI names it
+_API_KEY_ENVIRON = "HTTP_" + API_KEY_HEADER.upper().replace("-", "_")  # as WSGI names it
 _OUTCOMES = frozenset({b"ok", b"limited", b"unknown", b"revoked", b"expired"})
 _SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
 _REJECTIONS = {
