@@ -1,7 +1,9 @@
-"""``python -m proxy_app``: validate the settings, then serve with gunicorn and gevent workers.
+"""``python -m proxy_app``: validate the settings, then serve with gunicorn as the process
+manager and the gateway's own gevent workers (``proxy_app.worker``).
 
-Exit code 2 and one line per problem when the settings are invalid; SIGTERM drains in-flight
-requests for up to GRACEFUL_TIMEOUT seconds and exits 0.
+Exit code 2 and one line per problem when the settings are invalid. SIGTERM: readiness 503 at
+once, SHUTDOWN_DRAIN_SECONDS of serving as usual, then in-flight requests are finished within
+GRACEFUL_TIMEOUT seconds and the process exits 0.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ log = logging.getLogger("proxy_app")
 # their own greenlet, so only a truly stuck worker hits it.
 WORKER_TIMEOUT_S = 30
 EXIT_INVALID_SETTINGS = 2
+WORKER_CLASS = "proxy_app.worker.GatewayWorker"
+# Seconds the master waits beyond a worker's own drain and graceful timeout before killing it.
+SHUTDOWN_MARGIN_S = 2
 # Read by prometheus_client when it is first imported (in the workers, after the fork); this
 # module must therefore not import it.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -53,9 +58,13 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
         options: dict[str, Any] = {
             "bind": [f"{settings.host}:{settings.port}"],
             "workers": settings.web_concurrency,
-            "worker_class": "gevent",
+            "worker_class": WORKER_CLASS,
             "worker_connections": settings.worker_connections,
-            "graceful_timeout": settings.graceful_timeout_s,
+            # The master's patience with its workers at shutdown: each worker drains, then
+            # finishes what is in flight (proxy_app.worker), and is killed only after both.
+            "graceful_timeout": (
+                settings.shutdown_drain_s + settings.graceful_timeout_s + SHUTDOWN_MARGIN_S
+            ),
             "timeout": WORKER_TIMEOUT_S,
             # Longer than the ingress' idle timeout, so the proxy in front closes idle
             # connections first and never sends on one we are closing.
@@ -109,10 +118,14 @@ def main() -> int:
     if not settings.admin_api_token:
         log.warning("ADMIN_API_TOKEN is empty: every /internal request will be refused")
     log.info("starting", extra={"settings": settings.masked()})
+    master_pid = os.getpid()
     try:
         GatewayServer(settings).run()
     finally:
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # Workers are forked from inside run() and leave through here too: only the master,
+        # last out, may remove what the others still write to.
+        if os.getpid() == master_pid:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 

@@ -7,15 +7,13 @@ import os
 import re
 import time
 
-from flask import Flask, Response, current_app, g, request
+from flask import Flask, Response, g, request
 
 from proxy_app import services
-from proxy_app.background import on_gevent
 from proxy_app.logging import reset_request_id, set_request_id
 
 log = logging.getLogger("proxy_app.access")
 
-FAIR_SHARE = "proxy_app.fair_share"
 REQUEST_ID_HEADER = "x-request-id"
 _REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")  # as WSGI names it
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -32,32 +30,8 @@ def route_group(path: str) -> str:
     return "other"
 
 
-class FairShare:
-    """Under gevent, a request that never waited for I/O (a 401 for a missing key, a health
-    check, a refused path) never lets the worker's other connections run: a client sending a
-    stream of them would starve every other client of that worker. Such a request yields once
-    at its end; one that waited for Redis or the upstream has yielded already and pays nothing.
-    Whether it waited is read off the event loop's iteration count."""
-
-    def __init__(self) -> None:
-        import gevent
-
-        self._loop = gevent.get_hub().loop
-        self._sleep = gevent.sleep
-
-    def mark(self) -> int:
-        return int(self._loop.iteration)
-
-    def settle(self, mark: int) -> None:
-        if self._loop.iteration == mark:
-            self._sleep(0)
-
-
 def _start_request() -> None:
     g.started = time.perf_counter()
-    fair_share: FairShare | None = current_app.extensions.get(FAIR_SHARE)
-    if fair_share is not None:
-        g.loop_mark = fair_share.mark()
     incoming = request.environ.get(_REQUEST_ID_ENVIRON, "")
     request_id = incoming if _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
     g.request_id = request_id
@@ -91,14 +65,9 @@ def _teardown_request(_exc: BaseException | None) -> None:
     token = g.pop("request_id_token", None)
     if token is not None:
         reset_request_id(token)
-    mark = g.pop("loop_mark", None)
-    if mark is not None:
-        current_app.extensions[FAIR_SHARE].settle(mark)
 
 
 def init_app(app: Flask) -> None:
-    if on_gevent():
-        app.extensions[FAIR_SHARE] = FairShare()
     app.before_request(_start_request)
     app.after_request(_finish_request)
     app.teardown_request(_teardown_request)

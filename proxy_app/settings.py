@@ -35,6 +35,8 @@ class Settings:
     worker_connections: int = 1000
     graceful_timeout_s: int = 30
     keepalive_s: int = 95
+    shutdown_drain_s: int = 0
+    client_request_timeout_s: int = 30
     upstream_base_url: str | None = None
     upstream_timeout_ms: int = 10_000
     upstream_retries: int = 2
@@ -162,6 +164,10 @@ class _SettingsSchema(Schema):
     worker_connections = _int("WORKER_CONNECTIONS", "an integer from 10 to 100000", 10, 100_000)
     graceful_timeout_s = _int("GRACEFUL_TIMEOUT", "seconds, an integer from 1 to 600", 1, 600)
     keepalive_s = _int("KEEPALIVE", "seconds, an integer from 1 to 3600", 1, 3600)
+    client_request_timeout_s = _int(
+        "CLIENT_REQUEST_TIMEOUT", "seconds, an integer from 1 to 600", 1, 600
+    )
+    shutdown_drain_s = _int("SHUTDOWN_DRAIN_SECONDS", "seconds, an integer from 0 to 300", 0, 300)
     upstream_base_url = _str(
         "HTTP_CLIENT_BASE_URL", "an http(s) URL such as https://api.example.com/v4", _http_base_url
     )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, request
 
 from proxy_app import services
+from proxy_app.http_connection import SERVER_STATE_ENVIRON
 from proxy_app.responses import json_response as _json
 
 bp = Blueprint("health", __name__, url_prefix="/health")
@@ -34,6 +35,10 @@ def live() -> Response:
 
 @bp.get("/ready")
 def ready() -> Response:
+    server_state = request.environ.get(SERVER_STATE_ENVIRON)
+    if server_state is not None and server_state.shutting_down:
+        # The ingress should stop sending here; the server still serves meanwhile.
+        return _json({"status": "shutting_down"}, 503)
     redis_status = services.redis().status()
     if all(state == "up" for state in redis_status.values()):
         return _json({"status": "ready", "redis": redis_status})
