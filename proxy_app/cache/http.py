@@ -163,9 +163,8 @@ class ProxyCache:
                 key, loader, usable=usable, index=policy.index_key(target), prefetched=prefetched
             )
         except LoadFailed as failed:
-            if isinstance(failed.unstored, UpstreamResponse):
-                served = self._served_upstream(failed.unstored, Outcome.BYPASS, key)
-                return _conditional(served, forwarded)
+            if isinstance(failed.unstored, UpstreamResponse):  # an error body too long to share
+                return self._served_upstream(failed.unstored, Outcome.BYPASS, key)
             if isinstance(failed.fallback, UpstreamResponse):
                 return self._served_upstream(failed.fallback, Outcome.BYPASS, key)
             if isinstance(failed.error, UpstreamError):

@@ -387,3 +387,14 @@ def test_closing_a_streamed_answer_part_way_closes_the_upstream_connection(
     response.close()  # what the server does when its client goes away
     assert upstream.wait_open_connections(0)
     assert client.get("/api/v1/next").status_code == 200
+
+
+def test_an_error_body_too_long_to_share_is_streamed_to_its_own_client(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    size = MAX_STORED_BODY_BYTES + 1
+    upstream.reply("/v4/broken", Reply(status=500, generated_bytes=size))
+    response = client.get("/api/v1/broken", buffered=False)
+    assert (response.status_code, response.headers["x-cache"]) == (500, "BYPASS")
+    assert digest(response.iter_encoded()) == generated_digest(size)
+    response.close()
