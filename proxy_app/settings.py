@@ -42,6 +42,7 @@ class Settings:
     upstream_retries: int = 2
     upstream_api_key: str = dataclasses.field(default="", repr=False)
     proxy_body_limit_bytes: int = 1_048_576
+    proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -178,6 +179,12 @@ class _SettingsSchema(Schema):
     upstream_api_key = _str("HTTP_CLIENT_API_KEY", "any string", secret=True)
     proxy_body_limit_bytes = _int(
         "PROXY_BODY_LIMIT", "bytes, an integer from 0 to 104857600", 0, 100 * 1024 * 1024
+    )
+    proxy_response_limit_bytes = _int(
+        "PROXY_RESPONSE_LIMIT",
+        "bytes, an integer from 1024 to 1099511627776 (1 TiB); unset for no limit",
+        1024,
+        1024**4,
     )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)

@@ -1,6 +1,7 @@
 """The proxy's response cache: GET/HEAD answers from the CacheService, following the policy of a
 shared HTTP cache; conditional revalidation upstream; conditional answers (304) to clients;
-invalidation after successful writes."""
+invalidation after successful writes. Only a body that may be stored is held in memory (up to
+the store limit); every other body streams from the upstream to the client."""
 
 from __future__ import annotations
 
@@ -86,7 +87,9 @@ class HttpEntry:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Served:
-    """What the proxy answers with, and how the cache was involved."""
+    """What the proxy answers with, and how the cache was involved. With ``stream`` set, the
+    body is that upstream answer's, still arriving (``body`` is then empty); the client's
+    response passes it on and closes it."""
 
     status: int
     headers: Sequence[tuple[str, str]]
@@ -95,6 +98,7 @@ class Served:
     age_s: int | None = None
     key: str | None = None
     upstream: UpstreamResponse | None = None
+    stream: UpstreamResponse | None = None
 
 
 class ProxyCache:
@@ -159,11 +163,16 @@ class ProxyCache:
                 key, loader, usable=usable, index=policy.index_key(target), prefetched=prefetched
             )
         except LoadFailed as failed:
+            if isinstance(failed.unstored, UpstreamResponse):  # an error body too long to share
+                return self._served_upstream(failed.unstored, Outcome.BYPASS, key)
             if isinstance(failed.fallback, UpstreamResponse):
                 return self._served_upstream(failed.fallback, Outcome.BYPASS, key)
             if isinstance(failed.error, UpstreamError):
                 raise failed.error from None
             raise
+        if isinstance(result.unstored, UpstreamResponse):
+            served = self._served_upstream(result.unstored, result.outcome, key)
+            return _conditional(served, forwarded)
         entry = next(
             (entry for blob, entry in decoded if blob is result.value), None
         ) or HttpEntry.decode(result.value)
@@ -171,9 +180,7 @@ class ProxyCache:
         age = entry.age_s(time.time()) if cached else None
         upstream = answered[0] if answered else None
         served = Served(entry.status, entry.headers, entry.body, result.outcome, age, key, upstream)
-        if entry.status == 200 and policy.not_modified(forwarded, entry.headers):
-            return _not_modified(served)
-        return served
+        return _conditional(served, forwarded)
 
     def forward_write(
         self,
@@ -185,7 +192,7 @@ class ProxyCache:
     ) -> Served:
         """Send a POST/PUT/PATCH/DELETE upstream; a successful one drops the cached variants
         of its URL (RFC 9111 section 4.4)."""
-        response = self.upstream.request(method, path, query=query, headers=forwarded, body=body)
+        response = self.upstream.open(method, path, query=query, headers=forwarded, body=body)
         if 200 <= response.status < 400:
             self.invalidate(path, query)
         return self._served_upstream(response, Outcome.BYPASS, None)
@@ -219,35 +226,57 @@ class ProxyCache:
                 headers["if-modified-since"] = modified
         request_time = time.time()
         try:
-            response = self.upstream.request("GET", path, query=query, headers=headers)
+            response = self.upstream.open("GET", path, query=query, headers=headers)
         except UpstreamError as exc:
             raise LoadFailed(error=exc) from exc
         response_time = time.time()
         answered.append(response)
+        try:
+            return self._judged(response, stale, outbound, request_time, response_time)
+        except UpstreamError as exc:  # the body failed (or outgrew the limit) while buffered
+            raise LoadFailed(error=exc) from exc
+
+    def _judged(
+        self,
+        response: UpstreamResponse,
+        stale: HttpEntry | None,
+        outbound: Mapping[str, str],
+        request_time: float,
+        response_time: float,
+    ) -> Load:
+        """What a load makes of an upstream answer: stored when it may be (its body read into
+        memory, up to the store limit), else handed over unread to the one caller it is for."""
         if response.status == 304 and stale is not None:
             return self._revalidated(stale, response, request_time, response_time)
         if response.status >= 500:
-            raise LoadFailed(fallback=response)
+            # A short error body may be shared with the requests waiting on this load.
+            if response.buffer(policy.MAX_STORED_BODY_BYTES):
+                raise LoadFailed(fallback=response)
+            raise LoadFailed(unstored=response)
+        # The headers alone may rule storing out (the size, when the upstream declared it).
+        declared_size = response.content_length or 0
+        if policy.unstorable_reason(response.status, response.headers, declared_size):
+            return Load(b"", store=False, unstored=response)
+        fresh = policy.freshness(
+            response.headers, self.settings, request_time=request_time, response_time=response_time
+        )
+        if not policy.worth_storing(fresh, policy.has_validator(response.headers)):
+            return Load(b"", store=False, unstored=response)
+        if not response.buffer(policy.MAX_STORED_BODY_BYTES):
+            # Too large to store: what was read goes out first, the rest streams behind it.
+            return Load(b"", store=False, unstored=response)
+        vary = {
+            name: policy.normalize_variant_value(name, outbound.get(name))
+            for name in policy.vary_header_names(response.headers)
+        }
         entry = HttpEntry(
             status=response.status,
             headers=tuple(filter_response_headers(response.headers, self._base_url)),
             body=response.body,
             response_time=response_time,
-            initial_age_s=0.0,
-            vary={},
+            initial_age_s=fresh.initial_age_s,
+            vary=vary,
         )
-        if policy.unstorable_reason(response.status, response.headers, len(response.body)):
-            return Load(entry.encode(), store=False)
-        fresh = policy.freshness(
-            response.headers, self.settings, request_time=request_time, response_time=response_time
-        )
-        if not policy.worth_storing(fresh, policy.has_validator(response.headers)):
-            return Load(entry.encode(), store=False)
-        vary = {
-            name: policy.normalize_variant_value(name, outbound.get(name))
-            for name in policy.vary_header_names(response.headers)
-        }
-        entry = dataclasses.replace(entry, initial_age_s=fresh.initial_age_s, vary=vary)
         return _load_for(entry, fresh)
 
     def _revalidated(
@@ -310,14 +339,16 @@ class ProxyCache:
         forwarded: Mapping[str, str],
         key: str | None = None,
     ) -> Served:
-        response = self.upstream.request(method, path, query=query, headers=forwarded)
+        response = self.upstream.open(method, path, query=query, headers=forwarded)
         return self._served_upstream(response, Outcome.BYPASS, key)
 
     def _served_upstream(
         self, response: UpstreamResponse, outcome: Outcome, key: str | None
     ) -> Served:
         headers = filter_response_headers(response.headers, self._base_url)
-        return Served(response.status, headers, response.body, outcome, None, key, response)
+        if response.complete:
+            return Served(response.status, headers, response.body, outcome, None, key, response)
+        return Served(response.status, headers, b"", outcome, None, key, response, response)
 
 
 def _load_for(entry: HttpEntry, fresh: policy.Freshness, *, revalidated: bool = False) -> Load:
@@ -332,6 +363,15 @@ def _load_for(entry: HttpEntry, fresh: policy.Freshness, *, revalidated: bool = 
     )
 
 
+def _conditional(served: Served, forwarded: Mapping[str, str]) -> Served:
+    """A 304 in place of a 200 whose validators satisfy the client's conditional request."""
+    if served.status == 200 and policy.not_modified(forwarded, served.headers):
+        return _not_modified(served)
+    return served
+
+
 def _not_modified(served: Served) -> Served:
+    if served.stream is not None:
+        served.stream.close()  # the body is not sent: its connection is not worth keeping
     headers = [(n, v) for n, v in served.headers if n in policy.NOT_MODIFIED_HEADERS]
-    return dataclasses.replace(served, status=304, headers=headers, body=b"")
+    return dataclasses.replace(served, status=304, headers=headers, body=b"", stream=None)

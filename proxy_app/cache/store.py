@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from proxy_app.redis import RedisService, RedisUnavailable
 
@@ -49,14 +49,30 @@ class Outcome(enum.StrEnum):
     BYPASS = "BYPASS"
 
 
+class Unstored(Protocol):
+    """An answer a load got and will not store (a body still arriving, say): it serves the one
+    caller whose load got it, never those waiting on that load, and is closed by the cache
+    whenever it serves nobody."""
+
+    def close(self) -> None: ...
+
+
 class LoadFailed(Exception):
     """Raised by a loader when the source failed; a stale value may still be served. Carries
-    what the caller should answer when none can be."""
+    what the caller should answer when none can be: ``fallback``, which waiters on the same
+    load may share, or ``unstored``, which is this caller's alone (see Unstored)."""
 
-    def __init__(self, *, error: Exception | None = None, fallback: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        error: Exception | None = None,
+        fallback: Any = None,
+        unstored: Unstored | None = None,
+    ) -> None:
         super().__init__(str(error) if error else "load failed")
         self.error = error
         self.fallback = fallback
+        self.unstored = unstored
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -70,6 +86,7 @@ class Load:
     retain_s: float = 0.0  # kept this much longer (e.g. to revalidate it cheaply)
     store: bool = True
     revalidated: bool = False
+    unstored: Unstored | None = None  # with store=False: the answer itself, see Unstored
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -97,6 +114,7 @@ class Result:
     value: bytes
     outcome: Outcome
     stored: Stored | None = None  # the entry the value came from, when it came from the cache
+    unstored: Unstored | None = None  # the load's own answer, when it was not stored
 
 
 Loader = Callable[[Stored | None], Load]
@@ -242,7 +260,8 @@ class CacheService:
             try:
                 stored = self.get(key)
             except RedisUnavailable:
-                return Result(loader(None).value, Outcome.BYPASS)
+                loaded = loader(None)
+                return Result(loaded.value, Outcome.BYPASS, unstored=loaded.unstored)
         if stored is not None and not usable(stored):
             stored = None
         now = time.time()
@@ -254,8 +273,10 @@ class CacheService:
                 return Result(stored.value, Outcome.STALE, stored)
             try:
                 return self._load_coalesced(key, loader, stored, index, usable)
-            except LoadFailed:
+            except LoadFailed as failed:
                 if time.time() < stored.error_until:
+                    if failed.unstored is not None:
+                        failed.unstored.close()
                     return Result(stored.value, Outcome.STALE, stored)
                 raise
         if self._passed_recently(key):
@@ -279,13 +300,18 @@ class CacheService:
                 flight = self._flights[key] = _Flight()
         if not leader:
             if flight.done.wait(self.wait_s):
-                if flight.error is not None:
+                # The leader's own answer (LoadFailed.unstored) cannot serve us as well.
+                unshared = isinstance(flight.error, LoadFailed) and (
+                    flight.error.unstored is not None
+                )
+                if flight.error is not None and not unshared:
                     raise flight.error
                 shared = flight.result
                 # The leader's answer serves us only if it was stored and is our variant.
                 if shared is not None and shared.stored is not None and usable(shared.stored):
                     return dataclasses.replace(shared, outcome=Outcome.HIT)
-            # Not stored, not our variant, or it never came: load for ourselves.
+            # Not stored, not our variant, the leader's own answer, or it never came: load
+            # for ourselves.
             return self._load_and_store(key, loader, previous, index)
         try:
             flight.result = self._load_across_workers(key, loader, previous, index, usable)
@@ -382,7 +408,7 @@ class CacheService:
         loaded = loader(previous)
         if not loaded.store:
             self._remember_pass(key)
-            return Result(loaded.value, Outcome.BYPASS)
+            return Result(loaded.value, Outcome.BYPASS, unstored=loaded.unstored)
         try:
             stored = self.set(
                 key,
@@ -438,7 +464,12 @@ class CacheService:
             try:
                 result = self._load_and_store(key, loader, previous, index)
                 stored = result.outcome is not Outcome.BYPASS
+                # Nobody waits for a refresh's answer: one too large to store is not read.
+                if result.unstored is not None:
+                    result.unstored.close()
             except LoadFailed as exc:
+                if exc.unstored is not None:
+                    exc.unstored.close()
                 log.info("background refresh failed", extra={"reason": str(exc.error or exc)})
             except Exception:
                 log.exception("background refresh failed")

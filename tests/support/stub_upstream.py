@@ -1,13 +1,40 @@
 """A real HTTP server on 127.0.0.1 standing in for the upstream: it records every request it
-receives and answers with scripted replies."""
+receives and answers with scripted replies, large generated bodies included, and counts the
+connections it holds open."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+# Generated bodies are sent in pieces of this size.
+PIECE_BYTES = 64 * 1024
+_PATTERN = bytes(range(256)) * (PIECE_BYTES // 256)
+
+
+def generated_body(size: int) -> Iterator[bytes]:
+    """A body of ``size`` bytes made up as it is sent (never held whole): every piece starts
+    with its own number, so a lost, repeated or reordered piece changes the bytes."""
+    sent = 0
+    number = 0
+    while sent < size:
+        piece = (number.to_bytes(8, "big") + _PATTERN[8:])[: size - sent]
+        yield piece
+        sent += len(piece)
+        number += 1
+
+
+def generated_digest(size: int) -> str:
+    digest = hashlib.sha256()
+    for piece in generated_body(size):
+        digest.update(piece)
+    return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,6 +43,10 @@ class Reply:
     body: bytes = b'{"ok": true}'
     headers: tuple[tuple[str, str], ...] = (("content-type", "application/json"),)
     delay_s: float = 0.0
+    generated_bytes: int = 0  # instead of ``body``: a generated body this long
+    chunked: bool = False  # sent with chunked framing, no content-length
+    stop_after_bytes: int | None = None  # the connection is closed after this much body
+    raw: bytes | None = None  # sent as the whole answer, HTTP or not, then the connection closed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +80,15 @@ class StubUpstream:
             def log_message(self, format: str, *args: object) -> None:
                 pass
 
+            def setup(self) -> None:
+                super().setup()
+                stub._connected(+1)
+
+            def finish(self) -> None:
+                with contextlib.suppress(OSError):  # the peer has gone
+                    super().finish()
+                stub._connected(-1)
+
             def _handle(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
@@ -57,17 +97,46 @@ class StubUpstream:
                 reply = stub._record(recorded)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
+                try:
+                    self._answer(reply)
+                except OSError:  # the client went away part-way
+                    self.close_connection = True
+
+            def _answer(self, reply: Reply) -> None:
+                if reply.raw is not None:
+                    self.wfile.write(reply.raw)
+                    self.close_connection = True
+                    return
                 self.send_response(reply.status)
                 for name, value in reply.headers:
                     self.send_header(name, value)
-                if not any(name.lower() == "content-length" for name, _ in reply.headers):
-                    self.send_header("content-length", str(len(reply.body)))
+                size = reply.generated_bytes or len(reply.body)
+                if reply.chunked:
+                    self.send_header("transfer-encoding", "chunked")
+                elif not any(name.lower() == "content-length" for name, _ in reply.headers):
+                    self.send_header("content-length", str(size))
                 self.end_headers()
-                if self.command != "HEAD" and reply.status not in (204, 304):
-                    self.wfile.write(reply.body)
+                if self.command == "HEAD" or reply.status in (204, 304):
+                    return
+                pieces = generated_body(size) if reply.generated_bytes else iter([reply.body])
+                sent = 0
+                for piece in pieces:
+                    if reply.stop_after_bytes is not None:
+                        piece = piece[: max(0, reply.stop_after_bytes - sent)]
+                    if piece:
+                        framed = b"%x\r\n%s\r\n" % (len(piece), piece) if reply.chunked else piece
+                        self.wfile.write(framed)
+                        sent += len(piece)
+                    if reply.stop_after_bytes is not None and sent >= reply.stop_after_bytes:
+                        self.close_connection = True
+                        return
+                if reply.chunked:
+                    self.wfile.write(b"0\r\n\r\n")
 
             do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
+        self._connections = 0
+        self._connections_changed = threading.Condition(self._lock)
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -80,6 +149,21 @@ class StubUpstream:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def open_connections(self) -> int:
+        with self._lock:
+            return self._connections
+
+    def wait_open_connections(self, count: int, timeout_s: float = 10) -> bool:
+        """Wait until exactly ``count`` connections are open; False if that never happened."""
+        with self._connections_changed:
+            return self._connections_changed.wait_for(lambda: self._connections == count, timeout_s)
+
+    def _connected(self, change: int) -> None:
+        with self._connections_changed:
+            self._connections += change
+            self._connections_changed.notify_all()
 
     def reply(self, path: str, *replies: Reply) -> None:
         """Answer ``path`` with these replies in order; the last one repeats."""

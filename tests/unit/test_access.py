@@ -1,25 +1,32 @@
-"""The key check and rate limit in front of /api/v1 (Flask client, fakeredis, requests-mock)."""
+"""The key check and rate limit in front of /api/v1 (Flask client, fakeredis, the stub
+upstream)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import Any
 
 import pytest
-import requests_mock
 from flask import Flask
 
 from proxy_app.access.keys import KeyRegistry
 from proxy_app.redis import RedisUnavailable
 from tests.conftest import fake_redis_app
-
-BASE = "http://upstream.test/v4"
+from tests.support.stub_upstream import Reply, StubUpstream
 
 
 @pytest.fixture
-def upstream() -> Iterator[requests_mock.Mocker]:
-    with requests_mock.Mocker() as mock:
-        mock.get(f"{BASE}/x", content=b"{}", headers={"cache-control": "no-store"})
-        yield mock
+def upstream(stub: StubUpstream) -> StubUpstream:
+    stub.reply("/v4/x", Reply(body=b"{}", headers=(("cache-control", "no-store"),)))
+    return stub
+
+
+@pytest.fixture
+def app(upstream: StubUpstream) -> Flask:
+    return stub_app(upstream)
+
+
+def stub_app(upstream: StubUpstream, **overrides: Any) -> Flask:
+    return fake_redis_app(upstream_base_url=f"{upstream.url}/v4", **overrides)
 
 
 def registry(app: Flask) -> KeyRegistry:
@@ -44,24 +51,24 @@ def get(app: Flask, key: str | None) -> tuple[int, dict[str, str], dict[str, obj
     ],
 )
 def test_missing_or_unknown_keys_get_401_without_calling_upstream(
-    app: Flask, upstream: requests_mock.Mocker, key: str | None, code: str
+    app: Flask, upstream: StubUpstream, key: str | None, code: str
 ) -> None:
     status, _, body = get(app, key)
     assert (status, body["error"]) == (401, code)
-    assert upstream.call_count == 0
+    assert len(upstream.received) == 0
 
 
 def test_a_known_id_with_a_wrong_secret_is_refused(
-    app: Flask, upstream: requests_mock.Mocker, api_key: str
+    app: Flask, upstream: StubUpstream, api_key: str
 ) -> None:
     forged = api_key[:-4] + ("AAAA" if not api_key.endswith("AAAA") else "BBBB")
     status, _, body = get(app, forged)
     assert (status, body["error"]) == (401, "invalid_api_key")
-    assert upstream.call_count == 0
+    assert len(upstream.received) == 0
 
 
 def test_revoked_key_is_rejected_and_activation_restores_it(
-    app: Flask, upstream: requests_mock.Mocker, api_key: str
+    app: Flask, upstream: StubUpstream, api_key: str
 ) -> None:
     key_id = api_key.split("_")[1]
     registry(app).revoke(key_id)
@@ -71,20 +78,20 @@ def test_revoked_key_is_rejected_and_activation_restores_it(
     assert get(app, api_key)[0] == 200
     registry(app).delete(key_id)
     assert get(app, api_key)[2]["error"] == "invalid_api_key"
-    assert upstream.call_count == 1
+    assert len(upstream.received) == 1
 
 
-def test_expired_key_is_rejected(app: Flask, upstream: requests_mock.Mocker, api_key: str) -> None:
+def test_expired_key_is_rejected(app: Flask, upstream: StubUpstream, api_key: str) -> None:
     key_id = api_key.split("_")[1]
     fake = registry(app).redis.client
     fake.hset(f"api-keys:key:{key_id}", mapping={"expiresAtMs": "1000"})
     status, _, body = get(app, api_key)
     assert (status, body["error"]) == (401, "expired_api_key")
-    assert upstream.call_count == 0
+    assert len(upstream.received) == 0
 
 
 def test_every_proxied_answer_carries_rate_limit_headers(
-    app: Flask, upstream: requests_mock.Mocker, api_key: str
+    app: Flask, upstream: StubUpstream, api_key: str
 ) -> None:
     status, headers, _ = get(app, api_key)
     assert status == 200
@@ -93,14 +100,14 @@ def test_every_proxied_answer_carries_rate_limit_headers(
     assert 0 < int(headers["x-ratelimit-reset"]) <= 60
     assert headers["ratelimit-policy"] == '"default";q=120;w=60'
     assert headers["ratelimit"].startswith('"default";r=119;t=')
-    upstream.get(f"{BASE}/missing", status_code=404)
+    upstream.reply("/v4/missing", Reply(status=404))
     response = app.test_client().get("/api/v1/missing", headers={"x-api-key": api_key})
     assert response.status_code == 404
     assert response.headers["x-ratelimit-remaining"] == "118"
 
 
-def test_over_the_limit_gets_429_with_retry_after(upstream: requests_mock.Mocker) -> None:
-    app = fake_redis_app(rate_limit_max_requests=3, rate_limit_window_s=60)
+def test_over_the_limit_gets_429_with_retry_after(upstream: StubUpstream) -> None:
+    app = stub_app(upstream, rate_limit_max_requests=3, rate_limit_window_s=60)
     with app.app_context():
         _, key = registry(app).create(owner="t")
     statuses = [get(app, key)[0] for _ in range(3)]
@@ -111,13 +118,13 @@ def test_over_the_limit_gets_429_with_retry_after(upstream: requests_mock.Mocker
     assert int(headers["retry-after"]) >= 1
     assert body["retryAfter"] == int(headers["retry-after"])
     assert headers["x-ratelimit-remaining"] == "0"
-    assert upstream.call_count == 3
+    assert len(upstream.received) == 3
 
 
 def test_wrong_secrets_do_not_spend_the_owners_limit(
-    upstream: requests_mock.Mocker,
+    upstream: StubUpstream,
 ) -> None:
-    app = fake_redis_app(rate_limit_max_requests=2)
+    app = stub_app(upstream, rate_limit_max_requests=2)
     with app.app_context():
         _, key = registry(app).create(owner="t")
     forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")
@@ -127,7 +134,7 @@ def test_wrong_secrets_do_not_spend_the_owners_limit(
 
 
 def test_redis_unavailable_during_the_key_check_fails_closed(
-    app: Flask, upstream: requests_mock.Mocker, api_key: str, monkeypatch: pytest.MonkeyPatch
+    app: Flask, upstream: StubUpstream, api_key: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def down(_operation: object) -> object:
         raise RedisUnavailable("keys is unavailable")
@@ -136,5 +143,5 @@ def test_redis_unavailable_during_the_key_check_fails_closed(
     status, headers, body = get(app, api_key)
     assert (status, body["error"]) == (503, "auth_unavailable")
     assert headers["retry-after"] == "1"
-    assert upstream.call_count == 0
+    assert len(upstream.received) == 0
     assert app.test_client().get("/health/live").status_code == 200

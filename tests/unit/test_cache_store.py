@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 import fakeredis
 import pytest
 
-from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Stored
+from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Result, Stored
 from proxy_app.redis import RedisService
 from tests.support.net import free_port
 
@@ -322,3 +322,90 @@ def test_a_miss_read_ahead_before_another_load_finished_takes_its_result(
     assert (result.outcome, result.value) == (Outcome.HIT, b"stored-meanwhile")
     assert loader.calls == 0
     assert not cache.redis.client.exists("proxy:lock:k")
+
+
+class Answer:
+    """An answer a load got and did not store (a body still arriving, say)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_an_unstored_answer_serves_only_the_caller_whose_load_got_it(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    cache = make_cache(make_redis(), spawned)
+    answers: list[Answer] = []
+    lock = threading.Lock()
+
+    def loader(_previous: Stored | None) -> Load:
+        with lock:
+            answers.append(Answer())
+            answer = answers[-1]
+        time.sleep(0.3)  # the others are waiting on this load meanwhile
+        return Load(b"", store=False, unstored=answer)
+
+    results: list[Result] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(cache.wrap("cold", loader)))
+        for _ in range(5)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert [r.outcome for r in results] == [Outcome.BYPASS] * 5
+    assert sorted(id(r.unstored) for r in results) == sorted(id(a) for a in answers)
+    assert len(answers) == 5
+
+
+def test_a_failed_load_with_its_own_answer_is_not_shared_with_waiters(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    cache = make_cache(make_redis(), spawned)
+
+    def loader(_previous: Stored | None) -> Load:
+        time.sleep(0.3)
+        raise LoadFailed(unstored=Answer())
+
+    failures: list[LoadFailed] = []
+
+    def ask() -> None:
+        try:
+            cache.wrap("cold", loader)
+        except LoadFailed as failed:
+            failures.append(failed)
+
+    threads = [threading.Thread(target=ask) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len({id(f.unstored) for f in failures}) == 4
+
+
+def test_a_background_refresh_closes_an_answer_it_did_not_store(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    cache = make_cache(make_redis(), spawned)
+    cache.set("k", b"old", ttl_s=0, stale_s=60)
+    cache.set("k2", b"old", ttl_s=0, stale_s=60)
+    unstored, failed = Answer(), Answer()
+    cache.wrap("k", CountingLoader(Load(b"", store=False, unstored=unstored)))
+    cache.wrap("k2", CountingLoader(LoadFailed(unstored=failed)))  # type: ignore[arg-type]
+    spawned.run_all()
+    assert (unstored.closed, failed.closed) == (True, True)
+
+
+def test_serving_stale_on_error_closes_the_failed_loads_answer(
+    make_redis: MakeRedis, spawned: Spawned
+) -> None:
+    cache = make_cache(make_redis(), spawned)
+    cache.set("k", b"old", ttl_s=0, stale_s=0, stale_if_error_s=60)
+    answer = Answer()
+    result = cache.wrap("k", CountingLoader(LoadFailed(unstored=answer)))  # type: ignore[arg-type]
+    assert (result.outcome, result.value) == (Outcome.STALE, b"old")
+    assert answer.closed

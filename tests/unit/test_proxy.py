@@ -1,64 +1,83 @@
-"""Request handling of /api/v1 with a mocked upstream (requests-mock): fast checks of what the
-client and the upstream see. The same behaviours run against real servers in integration/."""
+"""Request handling of /api/v1 through the Flask test client, with fakeredis and the stub
+upstream (a real HTTP server on 127.0.0.1): fast checks of what the client and the upstream see.
+The same behaviours run against the real service in integration/."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import hashlib
+from collections.abc import Iterable
 
 import pytest
-import requests
-import requests_mock
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import UPSTREAM_KEY
+from proxy_app.cache.policy import MAX_STORED_BODY_BYTES
+from proxy_app.upstream import UpstreamResponseTooLarge
+from tests.conftest import UPSTREAM_KEY, fake_redis_app
+from tests.support.net import free_port
+from tests.support.stub_upstream import Recorded, Reply, StubUpstream, generated_digest
 
-BASE = "http://upstream.test/v4"
 
-
-def sent_request(upstream: requests_mock.Mocker) -> Any:
-    """What the mocked upstream received last."""
-    request = upstream.last_request
-    assert request is not None, "the upstream was not called"
-    return request
+def sent_request(upstream: StubUpstream) -> Recorded:
+    """What the stub upstream received last."""
+    assert upstream.received, "the upstream was not called"
+    return upstream.last()
 
 
 @pytest.fixture
-def upstream() -> Iterator[requests_mock.Mocker]:
-    with requests_mock.Mocker() as mock:
-        yield mock
+def upstream(stub: StubUpstream) -> StubUpstream:
+    return stub
+
+
+@pytest.fixture
+def app(stub: StubUpstream) -> Flask:
+    return fake_redis_app(upstream_base_url=f"{stub.url}/v4")
+
+
+def keyed_client(app: Flask) -> FlaskClient:
+    with app.app_context():
+        _, key = app.extensions["proxy_app.key_registry"].create(owner="t")
+    client = app.test_client()
+    client.environ_base["HTTP_X_API_KEY"] = key
+    return client
+
+
+def digest(pieces: Iterable[bytes]) -> str:
+    hashed = hashlib.sha256()
+    for piece in pieces:
+        hashed.update(piece)
+    return hashed.hexdigest()
 
 
 def test_get_is_forwarded_with_path_query_and_upstream_key(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.get(
-        f"{BASE}/things/1", content=b'{"id": 1}', headers={"Content-Type": "application/json"}
+    upstream.reply(
+        "/v4/things/1", Reply(body=b'{"id": 1}', headers=(("Content-Type", "application/json"),))
     )
     response = client.get("/api/v1/things/1?b=2&a=1&b=3")
     assert response.status_code == 200
     assert response.data == b'{"id": 1}'
     assert response.headers["content-type"] == "application/json"
     sent = sent_request(upstream)
-    assert sent.url == f"{BASE}/things/1?b=2&a=1&b=3"
-    assert sent.headers["api_key"] == UPSTREAM_KEY
-    assert "x-api-key" not in {name.lower() for name in sent.headers}
+    assert (sent.path, sent.query) == ("/v4/things/1", "b=2&a=1&b=3")
+    assert sent.header("api_key") == UPSTREAM_KEY
+    assert "x-api-key" not in sent.header_names()
 
 
 def test_upstream_error_status_and_body_are_passed_through(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.get(f"{BASE}/missing", status_code=404, content=b'{"detail": "nope"}')
+    upstream.reply("/v4/missing", Reply(status=404, body=b'{"detail": "nope"}'))
     response = client.get("/api/v1/missing")
     assert response.status_code == 404
     assert response.data == b'{"detail": "nope"}'
 
 
 def test_response_without_content_type_gets_none_invented(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.get(f"{BASE}/raw", content=b"bytes")
+    upstream.reply("/v4/raw", Reply(body=b"bytes", headers=()))
     response = client.get("/api/v1/raw")
     assert "content-type" not in response.headers
 
@@ -74,19 +93,19 @@ def test_other_methods_get_405_with_allow(client: FlaskClient, method: str) -> N
 
 
 def test_options_is_forwarded_not_answered_locally(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.options(f"{BASE}/things", status_code=204, headers={"Allow": "GET, POST"})
+    upstream.reply("/v4/things", Reply(status=204, headers=(("Allow", "GET, POST"),)))
     response = client.options("/api/v1/things")
     assert response.status_code == 204
     assert response.headers["allow"] == "GET, POST"
-    assert upstream.call_count == 1
+    assert [r.method for r in upstream.received] == ["OPTIONS"]
 
 
 def test_head_keeps_the_upstream_content_length(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.head(f"{BASE}/big", headers={"Content-Length": "12345"})
+    upstream.reply("/v4/big", Reply(headers=(("Content-Length", "12345"),)))
     response = client.head("/api/v1/big")
     assert response.status_code == 200
     assert response.headers["content-length"] == "12345"
@@ -94,19 +113,19 @@ def test_head_keeps_the_upstream_content_length(
 
 
 def test_smuggled_path_is_refused_without_calling_upstream(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
     response = client.get("/api/v1/%2e%2e/internal/metrics")
     assert response.status_code == 400
     assert response.json is not None
     assert response.json["error"] == "invalid_path"
-    assert upstream.call_count == 0
+    assert not upstream.received
 
 
 def test_post_json_bytes_are_forwarded_unchanged(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.post(f"{BASE}/things", status_code=201, content=b'{"id": 2}')
+    upstream.reply("/v4/things", Reply(status=201, body=b'{"id": 2}'))
     body = b'{ "name" : "caf\xc3\xa9",  "n": 1.50 }'
     response = client.post(
         "/api/v1/things", data=body, headers={"content-type": "application/json; charset=utf-8"}
@@ -117,19 +136,17 @@ def test_post_json_bytes_are_forwarded_unchanged(
 
 @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", ""])
 def test_non_json_bodies_get_415(
-    client: FlaskClient, upstream: requests_mock.Mocker, content_type: str
+    client: FlaskClient, upstream: StubUpstream, content_type: str
 ) -> None:
     response = client.post("/api/v1/things", data=b"a=1", headers={"content-type": content_type})
     assert response.status_code == 415
     assert response.json is not None
     assert response.json["error"] == "unsupported_media_type"
-    assert upstream.call_count == 0
+    assert not upstream.received
 
 
-def test_vendor_json_types_are_accepted(
-    client: FlaskClient, upstream: requests_mock.Mocker
-) -> None:
-    upstream.patch(f"{BASE}/things/1", content=b"{}")
+def test_vendor_json_types_are_accepted(client: FlaskClient, upstream: StubUpstream) -> None:
+    upstream.reply("/v4/things/1", Reply(body=b"{}"))
     response = client.patch(
         "/api/v1/things/1", data=b'[{"op":"add"}]', content_type="application/json-patch+json"
     )
@@ -137,85 +154,85 @@ def test_vendor_json_types_are_accepted(
 
 
 def test_invalid_json_gets_400_naming_the_problem(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
     response = client.put("/api/v1/things/1", data=b'{"a": ', content_type="application/json")
     assert response.status_code == 400
     assert response.json is not None
     assert response.json["error"] == "invalid_json"
-    assert upstream.call_count == 0
+    assert not upstream.received
 
 
-def test_body_over_the_limit_gets_413(client: FlaskClient, upstream: requests_mock.Mocker) -> None:
+def test_body_over_the_limit_gets_413(client: FlaskClient, upstream: StubUpstream) -> None:
     body = b'{"a": "' + b"x" * 1_048_576 + b'"}'
     response = client.post("/api/v1/things", data=body, content_type="application/json")
     assert response.status_code == 413
     assert response.json is not None
     assert response.json["error"] == "payload_too_large"
-    assert upstream.call_count == 0
+    assert not upstream.received
 
 
 def test_post_without_body_needs_no_content_type(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.post(f"{BASE}/things/1/touch", status_code=204)
+    upstream.reply("/v4/things/1/touch", Reply(status=204))
     response = client.post("/api/v1/things/1/touch")
     assert response.status_code == 204
-    assert sent_request(upstream).body is None
+    sent = sent_request(upstream)
+    assert (sent.body, sent.header("content-length")) == (b"", "0")
+    assert "content-type" not in sent.header_names()
 
 
-@pytest.mark.parametrize(
-    ("raised", "code"),
-    [
-        (requests.exceptions.ConnectTimeout, "upstream_timeout"),
-        (requests.exceptions.ReadTimeout, "upstream_timeout"),
-        (requests.exceptions.ConnectionError, "upstream_connection_error"),
-    ],
-)
-def test_upstream_failures_become_502_naming_the_kind(
-    client: FlaskClient, upstream: requests_mock.Mocker, raised: type[Exception], code: str
-) -> None:
-    upstream.get(f"{BASE}/x", exc=raised)
+def test_a_slow_upstream_becomes_a_502_naming_the_timeout(upstream: StubUpstream) -> None:
+    client = keyed_client(
+        fake_redis_app(upstream_base_url=f"{upstream.url}/v4", upstream_timeout_ms=200)
+    )
+    upstream.reply("/v4/x", Reply(delay_s=1.0))
     response = client.get("/api/v1/x")
     assert response.status_code == 502
     assert response.json is not None
-    assert response.json["error"] == code
-    assert response.json["kind"] in ("timeout", "connection_error")
+    assert (response.json["error"], response.json["kind"]) == ("upstream_timeout", "timeout")
+    assert UPSTREAM_KEY not in response.get_data(as_text=True)
+
+
+def test_an_unreachable_upstream_becomes_a_502_naming_the_connection_error() -> None:
+    client = keyed_client(fake_redis_app(upstream_base_url=f"http://127.0.0.1:{free_port()}"))
+    response = client.get("/api/v1/x")
+    assert response.status_code == 502
+    assert response.json is not None
+    assert response.json["error"] == "upstream_connection_error"
+    assert response.json["kind"] == "connection_error"
     assert UPSTREAM_KEY not in response.get_data(as_text=True)
 
 
 def test_redirect_location_into_upstream_is_rewritten(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.get(f"{BASE}/old", status_code=301, headers={"Location": f"{BASE}/new?x=1"})
+    location = f"{upstream.url}/v4/new?x=1"
+    upstream.reply("/v4/old", Reply(status=301, headers=(("Location", location),)))
     response = client.get("/api/v1/old")
     assert response.status_code == 301
     assert response.headers["location"] == "/api/v1/new?x=1"
 
 
 def test_request_id_is_taken_from_the_client_or_generated(
-    client: FlaskClient, upstream: requests_mock.Mocker
+    client: FlaskClient, upstream: StubUpstream
 ) -> None:
-    upstream.get(f"{BASE}/x")
     given = client.get("/api/v1/x", headers={"x-request-id": "abc-123"})
     assert given.headers["x-request-id"] == "abc-123"
-    assert sent_request(upstream).headers["x-request-id"] == "abc-123"
+    assert sent_request(upstream).header("x-request-id") == "abc-123"
     generated = client.get("/api/v1/x", headers={"x-request-id": "bad id\twith spaces"})
     assert len(generated.headers["x-request-id"]) == 32
 
 
-def test_encoded_forms_of_a_bypassed_path_are_bypassed_too(upstream: requests_mock.Mocker) -> None:
-    from tests.conftest import fake_redis_app
-
-    app = fake_redis_app(cache_bypass_paths=("/users/me",))
-    with app.app_context():
-        _, key = app.extensions["proxy_app.key_registry"].create(owner="t")
-    upstream.get(f"{BASE}/users/me", content=b"{}", headers={"cache-control": "max-age=60"})
-    client = app.test_client()
+def test_encoded_forms_of_a_bypassed_path_are_bypassed_too(upstream: StubUpstream) -> None:
+    app = fake_redis_app(upstream_base_url=f"{upstream.url}/v4", cache_bypass_paths=("/users/me",))
+    client = keyed_client(app)
+    upstream.reply("/v4/users/me", Reply(body=b"{}", headers=(("cache-control", "max-age=60"),)))
     for path in ("/api/v1/users/me", "/api/v1/users/%6De", "/api/v1/%75sers/me"):
-        response = client.get(path, headers={"x-api-key": key})
+        response = client.get(path)
         assert response.headers["x-cache"] == "BYPASS", path
-    assert upstream.call_count == 3
+    assert len(upstream.received) == 3
 
 
 def test_answers_made_by_the_gateway_say_bypass_too(client: FlaskClient) -> None:
@@ -225,13 +242,13 @@ def test_answers_made_by_the_gateway_say_bypass_too(client: FlaskClient) -> None
 
 
 def test_a_corrupt_cache_entry_is_replaced_not_a_500(
-    app: Flask, client: FlaskClient, upstream: requests_mock.Mocker
+    app: Flask, client: FlaskClient, upstream: StubUpstream
 ) -> None:
     from proxy_app.cache import policy
     from proxy_app.cache.store import Stored, encode
     from proxy_app.forwarding import forward_request_headers
 
-    upstream.get(f"{BASE}/c", content=b'{"fresh": 1}', headers={"cache-control": "max-age=60"})
+    upstream.reply("/v4/c", Reply(body=b'{"fresh": 1}', headers=(("cache-control", "max-age=60"),)))
     key = policy.cache_key("/c", "", forward_request_headers([], request_id="r"))
     garbage = encode(Stored(b"\x00\x00\x00\x05{not json", 0.0, 9e12, 9e12, 9e12))
     app.extensions["proxy_app.redis"].cache.client.set(key, garbage)
@@ -239,3 +256,145 @@ def test_a_corrupt_cache_entry_is_replaced_not_a_500(
     assert (response.status_code, response.headers["x-cache"]) == (200, "MISS")
     assert response.data == b'{"fresh": 1}'
     assert client.get("/api/v1/c").headers["x-cache"] == "HIT"
+
+
+# --- bodies of any size -----------------------------------------------------------------------
+
+
+def test_a_no_store_body_is_streamed_with_its_length(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    size = 3 * 1024 * 1024 + 17
+    upstream.reply(
+        "/v4/file", Reply(generated_bytes=size, headers=(("cache-control", "no-store"),))
+    )
+    response = client.get("/api/v1/file", buffered=False)
+    assert response.is_streamed
+    assert (response.status_code, response.headers["x-cache"]) == (200, "BYPASS")
+    assert response.headers["content-length"] == str(size)
+    assert digest(response.iter_encoded()) == generated_digest(size)
+    response.close()
+
+
+def test_a_chunked_body_is_streamed_without_a_length(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    size = 1024 * 1024
+    upstream.reply("/v4/feed", Reply(generated_bytes=size, chunked=True))
+    response = client.post("/api/v1/feed", buffered=False)
+    assert response.is_streamed
+    assert "content-length" not in response.headers
+    assert digest(response.iter_encoded()) == generated_digest(size)
+    response.close()
+
+
+def test_a_cacheable_body_at_the_store_limit_is_stored(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/fits",
+        Reply(
+            generated_bytes=MAX_STORED_BODY_BYTES,
+            chunked=True,
+            headers=(("cache-control", "max-age=60"),),
+        ),
+    )
+    first = client.get("/api/v1/fits")
+    second = client.get("/api/v1/fits")
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert digest([second.data]) == generated_digest(MAX_STORED_BODY_BYTES)
+    assert len(upstream.received) == 1
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_cacheable_body_over_the_store_limit_is_passed_on_whole_and_not_stored(
+    client: FlaskClient, upstream: StubUpstream, chunked: bool
+) -> None:
+    size = MAX_STORED_BODY_BYTES + 1
+    upstream.reply(
+        "/v4/over",
+        Reply(generated_bytes=size, chunked=chunked, headers=(("cache-control", "max-age=60"),)),
+    )
+    for _ in range(2):
+        response = client.get("/api/v1/over", buffered=False)
+        assert response.headers["x-cache"] == "BYPASS"
+        assert digest(response.iter_encoded()) == generated_digest(size)
+        response.close()
+    assert len(upstream.received) == 2
+
+
+def test_a_conditional_request_for_an_unstored_body_gets_304_without_it(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/doc",
+        Reply(
+            generated_bytes=1024 * 1024, headers=(("cache-control", "no-store"), ("etag", '"v1"'))
+        ),
+    )
+    response = client.get("/api/v1/doc", headers={"if-none-match": '"v1"'})
+    assert (response.status_code, response.data) == (304, b"")
+    assert response.headers["etag"] == '"v1"'
+
+
+def test_an_answer_over_the_response_limit_by_its_length_is_a_502(upstream: StubUpstream) -> None:
+    client = keyed_client(
+        fake_redis_app(upstream_base_url=f"{upstream.url}/v4", proxy_response_limit_bytes=100_000)
+    )
+    upstream.reply("/v4/big", Reply(generated_bytes=100_001))
+    response = client.get("/api/v1/big")
+    assert response.status_code == 502
+    assert response.json is not None
+    assert response.json["error"] == "upstream_response_too_large"
+    assert response.json["message"]
+    upstream.reply("/v4/fits", Reply(generated_bytes=100_000))
+    assert len(client.get("/api/v1/fits").data) == 100_000
+
+
+def test_a_chunked_answer_outgrowing_the_response_limit_is_cut(upstream: StubUpstream) -> None:
+    client = keyed_client(
+        fake_redis_app(upstream_base_url=f"{upstream.url}/v4", proxy_response_limit_bytes=200_000)
+    )
+    upstream.reply(
+        "/v4/big",
+        Reply(generated_bytes=1_000_000, chunked=True, headers=(("cache-control", "no-store"),)),
+    )
+    response = client.get("/api/v1/big", buffered=False)
+    assert response.status_code == 200  # sent before the size was known
+    received: list[int] = []
+
+    def read_all() -> None:
+        for piece in response.response:
+            received.append(len(piece))
+
+    with pytest.raises(UpstreamResponseTooLarge):
+        read_all()
+    response.close()
+    assert sum(received) <= 200_000
+    assert upstream.wait_open_connections(0)
+
+
+def test_closing_a_streamed_answer_part_way_closes_the_upstream_connection(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/big",
+        Reply(generated_bytes=64 * 1024 * 1024, headers=(("cache-control", "no-store"),)),
+    )
+    response = client.get("/api/v1/big", buffered=False)
+    next(iter(response.response))
+    assert upstream.open_connections == 1
+    response.close()  # what the server does when its client goes away
+    assert upstream.wait_open_connections(0)
+    assert client.get("/api/v1/next").status_code == 200
+
+
+def test_an_error_body_too_long_to_share_is_streamed_to_its_own_client(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    size = MAX_STORED_BODY_BYTES + 1
+    upstream.reply("/v4/broken", Reply(status=500, generated_bytes=size))
+    response = client.get("/api/v1/broken", buffered=False)
+    assert (response.status_code, response.headers["x-cache"]) == (500, "BYPASS")
+    assert digest(response.iter_encoded()) == generated_digest(size)
+    response.close()

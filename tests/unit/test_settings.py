@@ -17,6 +17,7 @@ def test_defaults_match_the_documented_table() -> None:
     assert settings.upstream_retries == 2
     assert settings.upstream_api_key == ""
     assert settings.proxy_body_limit_bytes == 1_048_576
+    assert settings.proxy_response_limit_bytes is None
     assert settings.cache_redis_url == "redis://127.0.0.1:6379/0"
     assert settings.cache_ttl_default_s == 300
     assert settings.cache_stale_ttl_s == 60
@@ -47,6 +48,7 @@ def test_values_are_parsed_and_normalised() -> None:
             "CACHE_BYPASS_PATHS": "/auth, /api/v1/users/me,,",
             "CACHE_REDIS_URL": "redis://cache:6379/1",
             "GIT_SHA": "abc123",
+            "PROXY_RESPONSE_LIMIT": "536870912",
         }
     )
     assert settings.port == 8081
@@ -57,12 +59,21 @@ def test_values_are_parsed_and_normalised() -> None:
     assert settings.cache_bypass_paths == ("/auth", "/users/me")
     assert settings.api_keys_redis_url == "redis://cache:6379/1"
     assert settings.version == "abc123"
+    assert settings.proxy_response_limit_bytes == 512 * 1024 * 1024
 
 
 def test_empty_values_mean_the_default() -> None:
-    settings = load_settings({"PORT": "", "HTTP_CLIENT_BASE_URL": "", "API_KEYS_REDIS_URL": ""})
+    settings = load_settings(
+        {
+            "PORT": "",
+            "HTTP_CLIENT_BASE_URL": "",
+            "API_KEYS_REDIS_URL": "",
+            "PROXY_RESPONSE_LIMIT": "",
+        }
+    )
     assert settings.port == 3000
     assert settings.upstream_base_url is None
+    assert settings.proxy_response_limit_bytes is None
 
 
 @pytest.mark.parametrize(
@@ -81,6 +92,8 @@ def test_empty_values_mean_the_default() -> None:
         ("HTTP_CLIENT_TIMEOUT", "1.5s", "not an integer"),
         ("HTTP_CLIENT_RETRIES", "11", "from 0 to 10"),
         ("PROXY_BODY_LIMIT", "lots", "bytes"),
+        ("PROXY_RESPONSE_LIMIT", "100", "from 1024"),
+        ("PROXY_RESPONSE_LIMIT", "10MB", "not an integer"),
         ("CACHE_REDIS_URL", "http://localhost:6379", "redis://"),
         ("CACHE_REDIS_URL", "redis://host:notaport/0", "invalid port"),
         ("CACHE_TTL_DEFAULT", "-1", "seconds"),
