@@ -62,11 +62,15 @@ from __future__ import annotations
 import argparse
 import statistics
 from collections import Counter
+from pathlib import Path
 
-from bench.harness import LoadResult, Processes
+from bench.harness import LoadResult, Processes, anchor_problem
 from bench.scenarios import (
     HELLO,
     LOAD_SCENARIOS,
+    NEST_HIT,
+    NEST_PASS,
+    NO_ANCHOR,
     PROBES,
     REFERENCE,
     SCENARIO_NAMES,
@@ -76,6 +80,7 @@ from bench.scenarios import (
     Stack,
     Target,
     Verdict,
+    anchor_memory_line,
     counter_lines,
     met_text,
     run_load,
@@ -87,6 +92,7 @@ def _median(runs: list[LoadRun]) -> LoadRun:
     counters: Counter[str] = Counter()
     for run in runs:
         counters.update(run.counters)
+    counted = [run.upstream_requests for run in runs if run.upstream_requests is not None]
     return LoadRun(
         LoadResult(
             requests_per_s=statistics.median(r.requests_per_s for r in results),
@@ -96,6 +102,7 @@ def _median(runs: list[LoadRun]) -> LoadRun:
             errors=sum(r.errors for r in results),
         ),
         counters,
+        sum(counted) if counted else None,
     )
 
 
@@ -105,12 +112,15 @@ def _ratio(result: LoadResult, reference: LoadRun | None) -> str:
     return f"{result.requests_per_s / reference.result.requests_per_s:5.2f}x"
 
 
-def _row(name: str, result: LoadResult, medians: dict[str, LoadRun]) -> str:
+def _row(
+    name: str, result: LoadResult, medians: dict[str, LoadRun], counterpart: str | None
+) -> str:
+    nest = medians.get(counterpart) if counterpart else None
     return (
         f"{name:<38} {result.requests_per_s:>7.0f} req/s  p50 {result.p50_ms:>7.2f} ms  "
         f"p99 {result.p99_ms:>7.2f} ms  {_ratio(result, medians.get(REFERENCE))} nginx  "
-        f"{_ratio(result, medians.get(HELLO))} hello  non-2xx {result.non_2xx}  "
-        f"errors {result.errors}"
+        f"{_ratio(result, medians.get(HELLO))} hello  {_ratio(result, nest)} nest  "
+        f"non-2xx {result.non_2xx}  errors {result.errors}"
     )
 
 
@@ -134,6 +144,14 @@ def _scenario_list(value: str) -> list[str]:
             f"choose from {', '.join(SCENARIO_NAMES)}"
         )
     return names
+
+
+def _anchor_dir(value: str) -> Path:
+    checkout = Path(value).resolve()
+    problem = anchor_problem(checkout)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return checkout
 
 
 def _positive(value: str) -> int:
@@ -173,6 +191,13 @@ def main() -> None:
         help="seconds of cache-hit load before the memory probe reads the gateway's RSS",
     )
     parser.add_argument(
+        "--anchor",
+        type=_anchor_dir,
+        metavar="DIR",
+        help="a built checkout of the NestJS service the gateway replaces (npm ci && npm run "
+        "build): measured as the reference of the nest-* scenarios and the gateway's goals",
+    )
+    parser.add_argument(
         "--only",
         type=_scenario_list,
         default=list(SCENARIO_NAMES),
@@ -187,20 +212,29 @@ def main() -> None:
         workers=args.workers,
         stampede=args.stampede,
         memory_s=args.memory_seconds,
+        anchor=args.anchor,
     )
     selected: list[str] = args.only
-    loads = [s for s in LOAD_SCENARIOS if s.name in selected]
+    skipped: dict[str, str] = {}
+    for scenario in LOAD_SCENARIOS:
+        why = scenario.unavailable(options) if scenario.name in selected else None
+        if why is not None:
+            skipped[scenario.name] = why
+    loads = [s for s in LOAD_SCENARIOS if s.name in selected and s.name not in skipped]
     probes = [p for p in PROBES if p.name in selected]
 
     rounds: dict[str, list[LoadRun]] = {s.name: [] for s in loads}
     reports: dict[str, ProbeReport] = {}
+    anchor_memory: str | None = None
     with Processes() as processes:
-        stack = Stack(processes, options.workers)
+        stack = Stack(processes, options.workers, options.anchor)
         try:
             targets: dict[str, Target] = {s.name: s.prepare(stack) for s in loads}
             for _ in range(options.rounds):
                 for scenario in loads:
                     rounds[scenario.name].append(run_load(targets[scenario.name], stack, options))
+            if rounds.keys() & {NEST_HIT, NEST_PASS}:
+                anchor_memory = anchor_memory_line(stack)
             for probe in probes:
                 reports[probe.name] = probe.run(stack, options)
         finally:
@@ -208,28 +242,36 @@ def main() -> None:
 
     medians = {name: _median(runs) for name, runs in rounds.items()}
     verdicts: list[Verdict] = []
-    if loads:
+    if loads or skipped:
         print(
             f"wrk: {options.connections} connections, {options.duration_s}s x {options.rounds} "
             f"rounds (medians); workers per server: {options.workers}; ratios = req/s / "
-            f"{REFERENCE} (nginx) and / {HELLO}"
+            f"{REFERENCE} (nginx), / {HELLO} and / the NestJS counterpart"
         )
+    if options.anchor is None and {NEST_HIT, NEST_PASS} & set(selected):
+        print(f"NestJS service: {NO_ANCHOR} (its scenarios and the goals against it: not measured)")
     for scenario in LOAD_SCENARIOS:
         selected_load = scenario.name in medians
         if selected_load:
             run = medians[scenario.name]
-            print(_row(scenario.label, run.result, medians))
+            print(_row(scenario.label, run.result, medians, scenario.counterpart))
             if targets[scenario.name].gateway:
                 for line in counter_lines(run.counters):
                     print(line)
+            if run.upstream_requests is not None:
+                print(f"  upstream (nginx) requests during load: {run.upstream_requests}")
+        elif scenario.name in skipped:
+            print(f"{scenario.label:<38} not measured ({skipped[scenario.name]})")
         for goal in scenario.goals:
-            verdict = goal.verdict(scenario.name, medians, options)
+            verdict = goal.verdict(scenario.name, medians, options, skipped)
             verdicts.append(verdict)
             if selected_load:
                 print(
                     f"  goal: {verdict.name} {verdict.goal}: {verdict.measured}, "
                     f"{met_text(verdict.met)}"
                 )
+    if anchor_memory is not None:
+        print(anchor_memory)
     for probe in PROBES:
         report = reports.get(probe.name)
         if report is None:
