@@ -133,6 +133,10 @@ class Processes:
         big.parent.mkdir(parents=True)
         with open(big, "wb") as sparse:
             sparse.truncate(BIG_SIZE)  # a hole: no disk blocks, reads as zeros
+        # nginx started as root serves files as an unprivileged user, which must be able to
+        # reach the file through the private work directory (traverse only, not list).
+        self.workdir.chmod(0o711)
+        big.chmod(0o644)
         config = temp / "nginx.conf"
         config.write_text(
             f"""
