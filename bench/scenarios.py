@@ -568,7 +568,7 @@ LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
     LoadScenario(HELLO, "bare Flask hello (gunicorn, gevent)", _prepare_flask_hello),
     LoadScenario(
         "flask-hello-ours",
-        "bare Flask hello (gunicorn, our worker)",
+        "bare Flask hello (our worker class)",
         _prepare_flask_hello_ours,
         unavailable=_ours_unavailable,
     ),
