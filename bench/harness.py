@@ -1,7 +1,8 @@
 """Processes the benchmarks drive: nginx as a fast upstream, a slow Python upstream that counts
-requests, a private redis-server, the gateway under gunicorn + gevent, and wrk as the load
-generator in its own process; and the counters read from them (Redis ``INFO commandstats`` and
-MONITOR, the gateway's metrics, the slow upstream's request counts)."""
+requests, private redis-servers, the gateway under gunicorn + gevent, the NestJS service it
+replaces (a built checkout, under node), and wrk as the load generator in its own process; and
+the counters read from them (Redis ``INFO commandstats`` and MONITOR, the gateway's metrics,
+nginx's and the slow upstream's request counts)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,11 @@ import redis
 from bench.payload import PAYLOAD as PAYLOAD  # re-exported: the document nginx serves
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The large no-store document nginx serves at BIG_PATH: a sparse file, so it costs no disk.
+BIG_PATH = "/big/download.bin"
+BIG_SIZE = 512 * 1024 * 1024
+# nginx's request counter (stub_status); each reading counts itself as one request.
+NGINX_STATUS_PATH = "/__nginx_status"
 
 
 def free_port() -> int:
@@ -63,8 +69,10 @@ class Processes:
     def __init__(self) -> None:
         self.workdir = Path(tempfile.mkdtemp(prefix="proxy-app-bench-"))
         self._started: list[subprocess.Popen[bytes]] = []
-        # gunicorn master PID of each server started here (gateways, flask-hello), by URL.
+        # gunicorn master PID of each server started here (gateways, flask-hello), or the node
+        # process of the NestJS service, by URL.
         self.master_pids: dict[str, int] = {}
+        self.servers: dict[str, subprocess.Popen[bytes]] = {}
 
     def __enter__(self) -> Processes:
         return self
@@ -86,19 +94,49 @@ class Processes:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def start(
-        self, args: list[str], env: dict[str, str] | None = None, log: str = ""
+        self,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        log: str = "",
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         output = open(self.workdir / (log or "process.log"), "ab")  # noqa: SIM115 - child owns it
-        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(args, env=env, stdout=output, stderr=subprocess.STDOUT, cwd=cwd)
         self._started.append(process)
         return process
 
+    def _server(self, url: str, process: subprocess.Popen[bytes]) -> None:
+        self.master_pids[url] = process.pid
+        self.servers[url] = process
+
+    def stop(self, url: str, timeout_s: float = 30) -> None:
+        """Stops one server started here before the others (a probe's own gateway, so that
+        what it leaves behind weighs on nothing measured after it)."""
+        process = self.servers[url]
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
     def nginx(self) -> str:
-        """A fast upstream: ``/nostore/*`` says no-store, ``/cacheable/*`` max-age=3600."""
+        """A fast upstream: ``/nostore/*`` says no-store, ``/cacheable/*`` max-age=3600,
+        ``BIG_PATH`` is BIG_SIZE bytes of no-store zeros, ``NGINX_STATUS_PATH`` counts requests
+        (read it with ``nginx_requests``)."""
         port = free_port()
         body = PAYLOAD.replace("'", "\\'")
         temp = self.workdir / "nginx"
         temp.mkdir()
+        big = temp / "files" / BIG_PATH.lstrip("/")
+        big.parent.mkdir(parents=True)
+        with open(big, "wb") as sparse:
+            sparse.truncate(BIG_SIZE)  # a hole: no disk blocks, reads as zeros
+        # nginx started as root serves files as an unprivileged user, which must be able to
+        # reach the file through the private work directory (traverse only, not list).
+        self.workdir.chmod(0o711)
+        big.chmod(0o644)
         config = temp / "nginx.conf"
         config.write_text(
             f"""
@@ -119,6 +157,12 @@ http {{
     listen 127.0.0.1:{port};
     default_type application/json;
     location /cacheable/ {{ add_header Cache-Control "max-age=3600"; return 200 '{body}'; }}
+    location /big/ {{
+      root {temp}/files;
+      default_type application/octet-stream;
+      add_header Cache-Control "no-store";
+    }}
+    location = {NGINX_STATUS_PATH} {{ stub_status; }}
     location / {{ add_header Cache-Control "no-store"; return 200 '{body}'; }}
   }}
 }}
@@ -198,11 +242,12 @@ http {{
         )
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health/live")
-        self.master_pids[url] = process.pid
+        self._server(url, process)
         return url
 
-    def flask_hello(self, workers: int = 2) -> str:
-        """The bare Flask reference (``bench/hello_app.py``) under gunicorn with gevent workers."""
+    def flask_hello(self, workers: int = 2, worker_class: str = "gevent") -> str:
+        """The bare Flask reference (``bench/hello_app.py``) under gunicorn with the given
+        worker class (gunicorn's stock gevent worker unless told otherwise)."""
         port = free_port()
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -218,14 +263,70 @@ http {{
                 str(port),
                 "--workers",
                 str(workers),
+                "--worker-class",
+                worker_class,
             ],
             env=env,
-            log="flask-hello.log",
+            log=f"flask-hello-{port}.log",
         )
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/")
-        self.master_pids[url] = process.pid
+        self._server(url, process)
         return url
+
+    def anchor(self, checkout: Path, env: dict[str, str]) -> str:
+        """The NestJS service the gateway replaces, from a built checkout (``node
+        dist/main.js``), listening on 127.0.0.1 only. It runs in a directory of its own, so
+        that no ``.env`` lying in the checkout adds settings the bench did not choose."""
+        port = free_port()
+        home = self.workdir / "anchor"
+        home.mkdir(exist_ok=True)
+        full_env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
+            "PORT": str(port),
+            "NODE_ENV": "production",
+            "LOG_LEVEL": "warn",
+            **env,
+        }
+        node = require("node", "nodejs")
+        # It listens on 0.0.0.0 whatever it is told; the bench only ever talks to loopback.
+        process = self.start(
+            [node, str(checkout / ANCHOR_ENTRY)], env=full_env, log=f"anchor-{port}.log", cwd=home
+        )
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", timeout_s=60)
+        self._server(url, process)
+        return url
+
+
+# The built entry point of the NestJS checkout (``npm ci && npm run build``).
+ANCHOR_ENTRY = "dist/main.js"
+
+
+def anchor_problem(checkout: Path) -> str | None:
+    """Why ``checkout`` cannot be started as the NestJS reference, or None."""
+    if not (checkout / ANCHOR_ENTRY).is_file():
+        return f"{checkout / ANCHOR_ENTRY} is missing: run npm ci && npm run build in {checkout}"
+    if not (checkout / "node_modules").is_dir():
+        return f"{checkout}/node_modules is missing: run npm ci in {checkout}"
+    return None
+
+
+def nginx_requests(nginx: str) -> int:
+    """Requests nginx has handled so far, this reading included: between two readings, the
+    requests others made are the difference minus one (the earlier reading)."""
+    with urllib.request.urlopen(nginx + NGINX_STATUS_PATH, timeout=5) as response:
+        text = response.read().decode()
+    return parse_stub_status(text)
+
+
+def parse_stub_status(text: str) -> int:
+    """The ``requests`` figure of nginx's stub_status page."""
+    match = re.search(r"^\s*\d+\s+\d+\s+(\d+)\s*$", text, re.MULTILINE)
+    if match is None:
+        raise ValueError(f"unexpected stub_status page:\n{text}")
+    return int(match.group(1))
 
 
 @dataclasses.dataclass(frozen=True)

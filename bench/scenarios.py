@@ -2,12 +2,16 @@
 
 ``LOAD_SCENARIOS``: wrk loads, run in alternating rounds and reported as medians, each with its
 throughput ratio to the ``upstream`` (nginx) and ``flask-hello`` (a bare Flask app under the same
-gunicorn/gevent set-up) scenarios and its goals: a throughput ratio to another load scenario, a
-p99 latency. Adding one is one more row.
+gunicorn/gevent set-up) scenarios, to its NestJS counterpart when it has one (the service the
+gateway replaces, run from a checkout given with ``--anchor``), and its goals: a throughput ratio
+to another load scenario, a p99 latency (fixed, or no worse than another scenario's). Adding one
+is one more row. A scenario that cannot run here (no ``--anchor``, a worker class that does not
+exist yet) is skipped with the reason, and the goals that need it say "not measured" with it.
 
 ``PROBES``: counted, sequential or one-shot measurements that run once after the loads and
 return their own labelled report lines and goal verdicts (Redis commands per request, memory
-under load, the stampede on one and on two gateway instances).
+under load, the stampede on one and on two gateway instances, big downloads next to cache hits,
+what SIGTERM does to requests in flight and after it).
 
 Every goal, load or probe, ends up as one ``Verdict`` (name, measured value, goal, met or not),
 which ``python -m bench`` prints in a final summary table.
@@ -18,19 +22,29 @@ so ``--only`` starts only what the chosen scenarios use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.client
+import os
 import secrets
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import requests
 
 from bench.harness import (
+    BIG_PATH,
+    BIG_SIZE,
+    REPO_ROOT,
     LoadResult,
     Processes,
     ProcessMemory,
@@ -38,6 +52,7 @@ from bench.harness import (
     RedisUsage,
     create_api_key,
     gateway_counters,
+    nginx_requests,
     process_tree_memory,
     upstream_counts,
     wrk,
@@ -62,6 +77,12 @@ SETTLE_MAX_S = 10.0
 # bare Flask app under gunicorn/gevent (which the gateway's goals are stated against).
 REFERENCE = "upstream"
 HELLO = "flask-hello"
+# The NestJS service the gateway replaces, on the same nginx upstream (only with --anchor).
+NEST_HIT = "nest-hit"
+NEST_PASS = "nest-passthrough"
+NO_ANCHOR = "reference skipped: no --anchor DIR"
+# The product's own gunicorn worker class, which flask-hello-ours runs the hello app on.
+OURS_WORKER_CLASS = "proxy_app.worker.GatewayWorker"
 # Redis commands whose cost grows with the number of keys in the database.
 KEY_SCALING_COMMANDS = ("scan", "keys")
 # Bytes per MB in the memory figures: MiB, as /proc (kB = KiB), ps and top count.
@@ -81,17 +102,21 @@ class Options:
     workers: int
     stampede: int
     memory_s: int  # seconds of load before the memory probe reads the gateway's RSS
+    anchor: Path | None = None  # a built checkout of the NestJS service, or None
 
 
 class Stack:
     """The processes scenarios run against, each started on first use and stopped by
     ``Processes``. Gateways share the private Redis; the admin token (random per run, never
     printed) lets the bench read the gateways' cache outcomes and create a client key (with a
-    rate limit too high to matter) when the gateway checks ``x-api-key``."""
+    rate limit too high to matter) when the gateway checks ``x-api-key``. The NestJS service,
+    when there is a checkout of it, gets a Redis of its own, the same admin token and a client
+    key made through its own admin API."""
 
-    def __init__(self, processes: Processes, workers: int) -> None:
+    def __init__(self, processes: Processes, workers: int, anchor: Path | None = None) -> None:
         self._processes = processes
         self.workers = workers
+        self.anchor_checkout = anchor
         self.admin_token = secrets.token_urlsafe(24)
         self._api_keys: dict[str, str] = {}  # gateway URL -> client key
 
@@ -145,18 +170,70 @@ class Stack:
         """The bare Flask reference app, with as many workers as each gateway."""
         return self._processes.flask_hello(self.workers)
 
+    @functools.cached_property
+    def flask_hello_ours(self) -> str:
+        """The same app on the product's own worker class."""
+        return self._processes.flask_hello(self.workers, OURS_WORKER_CLASS)
+
+    @functools.cached_property
+    def anchor(self) -> str:
+        """The NestJS service in front of nginx, with a Redis of its own (so that its keys and
+        entries never meet the gateway's) and the same generous rate limit."""
+        if self.anchor_checkout is None:
+            raise BenchError("the NestJS reference needs --anchor DIR")
+        redis_url, _port = self._processes.redis()
+        env = {
+            "HTTP_CLIENT_BASE_URL": self.nginx,
+            "CACHE_REDIS_URL": redis_url,
+            "ADMIN_API_TOKEN": self.admin_token,
+            "API_KEYS_RATE_LIMIT_MAX_REQUESTS": "10000000",
+        }
+        url = self._processes.anchor(self.anchor_checkout, env)
+        key = create_api_key(url, self.admin_token)
+        if key is None:
+            raise BenchError(f"the NestJS service at {url} has no POST /internal/api-keys")
+        self._api_keys[url] = key
+        return url
+
+    @functools.cached_property
+    def slow_upstream_1s(self) -> str:
+        """A slow upstream whose answers take SHUTDOWN_UPSTREAM_DELAY_S: requests through it
+        stay in flight long enough to be caught by a SIGTERM."""
+        return self._processes.slow_upstream(SHUTDOWN_UPSTREAM_DELAY_S)
+
     def master_pid(self, url: str) -> int:
-        """The gunicorn master PID of a gateway (or the hello app) started here."""
+        """The gunicorn master PID of a gateway (or the hello app) started here, or the node
+        process of the NestJS service."""
         return self._processes.master_pids[url]
 
-    def _gateway(self, upstream: str) -> str:
+    def server(self, url: str) -> subprocess.Popen[bytes]:
+        return self._processes.servers[url]
+
+    def fresh_gateway(self, upstream: str, env: Mapping[str, str], workers: int) -> str:
+        """A gateway of its own for a probe that changes or stops it."""
+        return self._gateway(upstream, env, workers)
+
+    def stop(self, url: str) -> None:
+        self._processes.stop(url)
+
+    def upstream_requests(self) -> int | None:
+        """nginx's request count so far (each reading counts itself), or None when nginx is not
+        running."""
+        if "nginx" not in self.__dict__:
+            return None
+        return nginx_requests(self.nginx)
+
+    def _gateway(
+        self, upstream: str, extra_env: Mapping[str, str] | None = None, workers: int = 0
+    ) -> str:
         env = {
             "HTTP_CLIENT_BASE_URL": upstream,
             "CACHE_REDIS_URL": self.redis_url,
             "ADMIN_API_TOKEN": self.admin_token,
             "API_KEYS_RATE_LIMIT_MAX_REQUESTS": "10000000",
+            **(extra_env or {}),
         }
-        url = self._processes.gateway(env, workers=self.workers)
+        url = self._processes.gateway(env, workers=workers or self.workers)
         key = create_api_key(url, self.admin_token)
         if key is not None:
             self._api_keys[url] = key
@@ -178,6 +255,8 @@ class Target:
     url: str
     headers: Mapping[str, str]
     gateway: str | None = None
+    # Count the requests that reached nginx during each run (a cache hit should cause none).
+    count_upstream: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,29 +289,52 @@ def met_text(met: bool | None) -> str:
     return {True: "met", False: "NOT met", None: "not measured"}[met]
 
 
+def _missing(
+    needed: tuple[str, ...], medians: Mapping[str, LoadRun], skipped: Mapping[str, str]
+) -> str | None:
+    """Why a goal cannot be judged: the first scenario it needs that has no figures."""
+    for name in needed:
+        if name not in medians:
+            return skipped.get(name, f"{name} not run")
+    return None
+
+
 @dataclasses.dataclass(frozen=True)
 class RatioGoal:
     """Throughput of at least ``min_ratio`` times that of the load scenario ``reference``; with
-    ``no_failures``, also no non-2xx answer and no socket error (timeout, reset) in any round."""
+    ``no_failures``, also no non-2xx answer and no socket error (timeout, reset) in any round.
+    The ratio to ``also`` (a second reference) is shown next to it when that ran."""
 
     name: str
     min_ratio: float
     reference: str
     no_failures: bool = False
+    also: str | None = None
 
-    def verdict(self, scenario: str, medians: Mapping[str, LoadRun], _options: Options) -> Verdict:
+    def verdict(
+        self,
+        scenario: str,
+        medians: Mapping[str, LoadRun],
+        _options: Options,
+        skipped: Mapping[str, str],
+    ) -> Verdict:
         goal = f">= {self.min_ratio:.2f}x {self.reference} req/s" + (
             ", 0 non-2xx" if self.no_failures else ""
         )
-        for needed in (scenario, self.reference):
-            if needed not in medians:
-                return Verdict(self.name, f"not measured ({needed} not run)", goal, None)
+        why = _missing((scenario, self.reference), medians, skipped)
+        if why is not None:
+            return Verdict(self.name, f"not measured ({why})", goal, None)
         result = medians[scenario].result
         reference = medians[self.reference].result
         ratio = result.requests_per_s / reference.requests_per_s
         measured = (
             f"{ratio:.2f}x ({result.requests_per_s:.0f} / {reference.requests_per_s:.0f} req/s)"
         )
+        second = medians.get(self.also) if self.also else None
+        if second is not None:
+            measured += (
+                f" ({result.requests_per_s / second.result.requests_per_s:.2f}x {self.also})"
+            )
         met = ratio >= self.min_ratio
         if self.no_failures:
             measured += f", non-2xx {result.non_2xx}, socket errors {result.errors}"
@@ -251,10 +353,17 @@ class P99Goal:
     connections: int
     context: str | None = None
 
-    def verdict(self, scenario: str, medians: Mapping[str, LoadRun], options: Options) -> Verdict:
+    def verdict(
+        self,
+        scenario: str,
+        medians: Mapping[str, LoadRun],
+        options: Options,
+        skipped: Mapping[str, str],
+    ) -> Verdict:
         goal = f"<= {self.max_ms:.0f} ms at {self.connections} connections"
-        if scenario not in medians:
-            return Verdict(self.name, f"not measured ({scenario} not run)", goal, None)
+        why = _missing((scenario,), medians, skipped)
+        if why is not None:
+            return Verdict(self.name, f"not measured ({why})", goal, None)
         if options.connections != self.connections:
             why = f"run at {options.connections} connections"
             return Verdict(self.name, f"not measured ({why})", goal, None)
@@ -266,7 +375,45 @@ class P99Goal:
         return Verdict(self.name, measured, goal, p99 <= self.max_ms)
 
 
-Goal = RatioGoal | P99Goal
+@dataclasses.dataclass(frozen=True)
+class RelativeP99Goal:
+    """The median over the rounds of wrk's p99 latency at most that of the load scenario
+    ``reference`` in the same run, at ``connections`` connections; the p99 of ``context`` is
+    shown next to it when that ran."""
+
+    name: str
+    reference: str
+    connections: int
+    context: str | None = None
+
+    def verdict(
+        self,
+        scenario: str,
+        medians: Mapping[str, LoadRun],
+        options: Options,
+        skipped: Mapping[str, str],
+    ) -> Verdict:
+        goal = f"<= {self.reference} p99 at {self.connections} connections"
+        why = _missing((scenario, self.reference), medians, skipped)
+        if why is not None:
+            return Verdict(self.name, f"not measured ({why})", goal, None)
+        if options.connections != self.connections:
+            why = f"run at {options.connections} connections"
+            return Verdict(self.name, f"not measured ({why})", goal, None)
+        p99 = medians[scenario].result.p99_ms
+        reference = medians[self.reference].result.p99_ms
+        measured = f"{p99:.2f} ms vs {reference:.2f} ms"
+        context = medians.get(self.context) if self.context else None
+        if context is not None:
+            measured += f" ({self.context}: {context.result.p99_ms:.2f} ms)"
+        return Verdict(self.name, measured, goal, p99 <= reference)
+
+
+Goal = RatioGoal | P99Goal | RelativeP99Goal
+
+
+def _always(_options: Options) -> str | None:
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,12 +422,18 @@ class LoadScenario:
     label: str
     prepare: Callable[[Stack], Target]  # starts what it needs, warms up; runs once before rounds
     goals: tuple[Goal, ...] = ()
+    # The NestJS scenario doing the same, whose throughput ratio is printed next to this one's.
+    counterpart: str | None = None
+    # Why the scenario cannot run here (printed, and given as the reason of the goals that need
+    # it), or None.
+    unavailable: Callable[[Options], str | None] = _always
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadRun:
     result: LoadResult
     counters: Counter[str]  # the gateway's counters during the run; empty for others
+    upstream_requests: int | None = None  # requests that reached nginx meanwhile, when counted
 
 
 def _settled_counters(stack: Stack, gateway: str | None) -> Counter[str]:
@@ -302,13 +455,20 @@ def _settled_counters(stack: Stack, gateway: str | None) -> Counter[str]:
 
 def run_load(target: Target, stack: Stack, options: Options) -> LoadRun:
     before = _settled_counters(stack, target.gateway)
+    upstream_before = stack.upstream_requests() if target.count_upstream else None
     result = wrk(
         target.url,
         duration_s=options.duration_s,
         connections=options.connections,
         headers=dict(target.headers),
     )
-    return LoadRun(result, _settled_counters(stack, target.gateway) - before)
+    counters = _settled_counters(stack, target.gateway) - before
+    upstream = None
+    if upstream_before is not None:
+        if target.gateway is None:
+            time.sleep(SETTLE_INTERVAL_S)  # no counters to wait on: let stragglers land
+        upstream = (stack.upstream_requests() or 0) - upstream_before - 1
+    return LoadRun(result, counters, upstream)
 
 
 def _session(headers: Mapping[str, str]) -> requests.Session:
@@ -318,9 +478,10 @@ def _session(headers: Mapping[str, str]) -> requests.Session:
     return session
 
 
-def _warm(session: requests.Session, url: str) -> None:
-    """One request stores the entry (MISS), the next is served from it (HIT)."""
-    for expected in ("MISS", "HIT"):
+def _warm(session: requests.Session, url: str, outcomes: tuple[str, ...] = ("MISS", "HIT")) -> None:
+    """One request stores the entry (MISS), the next is served from it (HIT); or whatever
+    ``x-cache`` sequence ``outcomes`` names."""
+    for expected in outcomes:
         response = session.get(url, timeout=CLIENT_TIMEOUT_S)
         got = response.headers.get("x-cache")
         if response.status_code != 200 or got != expected:
@@ -334,12 +495,28 @@ def _prepare_hit(stack: Stack) -> Target:
     url = f"{stack.gateway}/api/v1/cacheable/items"
     with _session(stack.headers(url)) as session:
         _warm(session, url)
-    return Target(url, stack.headers(url), gateway=stack.gateway)
+    return Target(url, stack.headers(url), gateway=stack.gateway, count_upstream=True)
 
 
 def _prepare_passthrough(stack: Stack) -> Target:
     url = f"{stack.gateway}/api/v1/nostore/items"
-    return Target(url, stack.headers(url), gateway=stack.gateway)
+    return Target(url, stack.headers(url), gateway=stack.gateway, count_upstream=True)
+
+
+def _prepare_nest_hit(stack: Stack) -> Target:
+    # Its x-cache says MISS when it stored the answer and HIT when it served one from Redis;
+    # nginx's counter during the load confirms that no hit went upstream.
+    url = f"{stack.anchor}/api/v1/cacheable/items"
+    with _session(stack.headers(url)) as session:
+        _warm(session, url)
+    return Target(url, stack.headers(url), count_upstream=True)
+
+
+def _prepare_nest_passthrough(stack: Stack) -> Target:
+    url = f"{stack.anchor}/api/v1/nostore/items"
+    with _session(stack.headers(url)) as session:
+        _warm(session, url, ("BYPASS", "BYPASS"))
+    return Target(url, stack.headers(url), count_upstream=True)
 
 
 def _prepare_upstream(stack: Stack) -> Target:
@@ -352,23 +529,77 @@ def _prepare_flask_hello(stack: Stack) -> Target:
     return Target(url, stack.headers(url))
 
 
+def _prepare_flask_hello_ours(stack: Stack) -> Target:
+    url = f"{stack.flask_hello_ours}/hello"
+    return Target(url, stack.headers(url))
+
+
+def _anchor_unavailable(options: Options) -> str | None:
+    return None if options.anchor is not None else NO_ANCHOR
+
+
+def _ours_unavailable(_options: Options) -> str | None:
+    return worker_class_problem(OURS_WORKER_CLASS)
+
+
+@functools.cache
+def worker_class_problem(path: str) -> str | None:
+    """Why gunicorn cannot load the worker class ``path``, or None. Tried in a child process,
+    as gunicorn's master would load it, so that the bench imports nothing of it itself."""
+    check = (
+        "import sys\n"
+        "from gunicorn.util import load_class\n"
+        "load_class(sys.argv[1], section='gunicorn.workers')\n"
+    )
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", check, path],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    return None if done.returncode == 0 else f"{path} not available"
+
+
 LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
     LoadScenario(REFERENCE, "upstream (nginx) directly", _prepare_upstream),
-    LoadScenario(HELLO, "bare Flask hello (gunicorn/gevent)", _prepare_flask_hello),
+    LoadScenario(HELLO, "bare Flask hello (gunicorn, gevent)", _prepare_flask_hello),
+    LoadScenario(
+        "flask-hello-ours",
+        "bare Flask hello (our worker class)",
+        _prepare_flask_hello_ours,
+        unavailable=_ours_unavailable,
+    ),
+    LoadScenario(
+        NEST_PASS,
+        "NestJS keyed pass-through (no-store)",
+        _prepare_nest_passthrough,
+        unavailable=_anchor_unavailable,
+    ),
+    LoadScenario(
+        NEST_HIT,
+        "NestJS keyed cache hit (warmed)",
+        _prepare_nest_hit,
+        unavailable=_anchor_unavailable,
+    ),
     LoadScenario(
         "passthrough",
         "gateway keyed pass-through (no-store)",
         _prepare_passthrough,
-        goals=(RatioGoal("keyed pass-through (no-store) req/s", 0.50, HELLO),),
+        goals=(RatioGoal("keyed pass-through (no-store) req/s", 1.50, NEST_PASS, also=HELLO),),
+        counterpart=NEST_PASS,
     ),
     LoadScenario(
         "hit",
         "gateway keyed cache hit (warmed)",
         _prepare_hit,
         goals=(
-            RatioGoal("keyed cache hit req/s", 0.80, HELLO, no_failures=True),
-            P99Goal("keyed cache hit p99 latency", 20.0, 50, context=HELLO),
+            RatioGoal("keyed cache hit req/s", 0.60, NEST_HIT, no_failures=True, also=HELLO),
+            RelativeP99Goal("keyed cache hit p99 latency", NEST_HIT, 50, context=HELLO),
         ),
+        counterpart=NEST_HIT,
     ),
 )
 
@@ -551,7 +782,50 @@ def _memory_probe(stack: Stack, options: Options) -> ProbeReport:
         lines.append(f"  note: {len(after)} processes, expected 1 master + {stack.workers} workers")
     if {m.pid for m in after} != {m.pid for m in before}:
         lines.append("  note: the gateway's processes changed during the load (worker restarted?)")
+    if options.anchor is not None:
+        lines += _anchor_memory_lines(stack, options, rss)
+    else:
+        lines.append(f"memory: NestJS service not measured ({NO_ANCHOR})")
     return ProbeReport(lines, [verdict])
+
+
+def _anchor_memory_lines(stack: Stack, options: Options, gateway_rss: int) -> list[str]:
+    """The same load on the NestJS service's cache hit, and its RSS after it: the comparison
+    the gateway's memory goal is read against (no goal of its own)."""
+    url = f"{stack.anchor}/api/v1/cacheable/memory-probe"
+    headers = stack.headers(url)
+    with _session(headers) as session:
+        _warm(session, url)
+    pid = stack.master_pid(stack.anchor)
+    before = process_tree_memory(pid)
+    result = wrk(
+        url, duration_s=options.memory_s, connections=options.connections, headers=dict(headers)
+    )
+    after = process_tree_memory(pid)
+    rss = sum(m.rss for m in after)
+    return [
+        f"memory: the same {options.memory_s} s on the NestJS keyed cache hit: "
+        f"{result.requests_per_s:.0f} req/s, p99 {result.p99_ms:.2f} ms, "
+        f"non-2xx {result.non_2xx}, errors {result.errors}",
+        f"memory: NestJS RSS before that load: {_plain_memory_text(before)}",
+        f"memory: NestJS RSS after that load:  {_plain_memory_text(after)}   "
+        f"(gateway / NestJS: {gateway_rss / rss:.2f}x)",
+    ]
+
+
+def _plain_memory_text(memory: list[ProcessMemory]) -> str:
+    rss = sum(m.rss for m in memory)
+    pss = [m.pss for m in memory]
+    pss_text = f"; PSS {_mb(sum(p for p in pss if p is not None))} MB" if None not in pss else ""
+    return f"{_mb(rss)} MB ({len(memory)} process{'es' if len(memory) > 1 else ''}{pss_text})"
+
+
+def anchor_memory_line(stack: Stack) -> str:
+    """The NestJS service's RSS right after its share of the load rounds."""
+    return (
+        "NestJS service RSS after its load rounds: "
+        f"{_plain_memory_text(process_tree_memory(stack.master_pid(stack.anchor)))}"
+    )
 
 
 def counter_lines(counters: Counter[str]) -> list[str]:
@@ -726,6 +1000,368 @@ def _fairness_probe(stack: Stack, options: Options) -> ProbeReport:
     return ProbeReport(lines, [])
 
 
+# --- big downloads next to cache hits ------------------------------------------------------
+
+DOWNLOADS = 3
+DOWNLOAD_LIMIT_S = 120.0  # the probe gives up on downloads still running after this
+DOWNLOAD_CHUNK = 1024 * 1024
+DOWNLOAD_GROWTH_GOAL_MB = 64.0
+DOWNLOAD_HIT_GOAL_S = 1.0
+# A gateway that holds whole bodies could take several GB with three 512 MiB downloads: past
+# this growth the probe stops reading, so that it cannot exhaust the machine.
+DOWNLOAD_RSS_CAP = 6 * 1024 * MB
+SAMPLE_INTERVAL_S = 0.1
+
+DOWNLOAD_GROWTH_GOAL = GoalSpec(
+    "big downloads: gateway RSS growth",
+    f"< {DOWNLOAD_GROWTH_GOAL_MB:.0f} MB, {DOWNLOADS} x {BIG_SIZE // MB} MiB downloads complete",
+)
+DOWNLOAD_HITS_GOAL = GoalSpec(
+    "big downloads: keyed cache hits meanwhile", f"all 200, max < {DOWNLOAD_HIT_GOAL_S:.0f} s"
+)
+
+
+@dataclasses.dataclass
+class _Download:
+    status: str = "-"
+    received: int = 0
+    seconds: float = 0.0
+    connection: http.client.HTTPConnection | None = None
+
+
+def _downloads_probe(stack: Stack, _options: Options) -> ProbeReport:
+    """A fresh gateway (so that what the downloads leave behind weighs on nothing else) in
+    front of nginx, stopped at the end."""
+    gateway = stack.fresh_gateway(stack.nginx, {}, stack.workers)
+    try:
+        return _downloads(stack, gateway)
+    finally:
+        stack.stop(gateway)
+
+
+def _downloads(stack: Stack, gateway: str) -> ProbeReport:
+    parts = urllib.parse.urlsplit(gateway)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    big_path = f"/api/v1{BIG_PATH}"
+    hit_url = f"{gateway}/api/v1/cacheable/downloads-hit"
+    with _session(stack.headers(hit_url)) as session:
+        _warm(session, hit_url)
+    pid = stack.master_pid(gateway)
+    before = sum(m.rss for m in process_tree_memory(pid))
+    downloads = [_Download() for _ in range(DOWNLOADS)]
+    give_up = threading.Event()
+    started = time.monotonic()
+
+    def download(record: _Download) -> None:
+        connection = http.client.HTTPConnection(host, port, timeout=CLIENT_TIMEOUT_S)
+        record.connection = connection
+        try:
+            connection.request("GET", big_path, headers=stack.headers(gateway + big_path))
+            response = connection.getresponse()
+            record.status = str(response.status)
+            while not give_up.is_set():
+                chunk = response.read(DOWNLOAD_CHUNK)
+                if not chunk:
+                    break
+                record.received += len(chunk)
+        except Exception as exc:
+            if not give_up.is_set():
+                record.status = f"error:{type(exc).__name__}"
+        finally:
+            record.seconds = time.monotonic() - started
+            connection.close()
+
+    latencies: list[float] = []
+    hit_answers: Counter[str] = Counter()
+
+    def hits() -> None:
+        # A new connection per hit, so that the hits land on every worker in turn, not only
+        # on one that might carry no download.
+        headers = {**stack.headers(hit_url), "Connection": "close"}
+        with _session(headers) as session:
+            while any(thread.is_alive() for thread in threads) and not give_up.is_set():
+                sent = time.monotonic()
+                try:
+                    response = session.get(hit_url, timeout=CLIENT_TIMEOUT_S)
+                    answer = f"{response.status_code} {response.headers.get('x-cache', '-')}"
+                except Exception as exc:
+                    answer = f"error:{type(exc).__name__}"
+                latencies.append(time.monotonic() - sent)
+                hit_answers[answer] += 1
+
+    threads = [threading.Thread(target=download, args=(d,), daemon=True) for d in downloads]
+    for thread in threads:
+        thread.start()
+    hitter = threading.Thread(target=hits, daemon=True)
+    hitter.start()
+    peak = before
+    samples = 0
+    capped = False
+    while any(thread.is_alive() for thread in threads):
+        if time.monotonic() - started > DOWNLOAD_LIMIT_S:
+            break
+        peak = max(peak, sum(m.rss for m in process_tree_memory(pid)))
+        samples += 1
+        if peak - before > DOWNLOAD_RSS_CAP:
+            capped = True
+            break
+        time.sleep(SAMPLE_INTERVAL_S)
+    timed_out = any(thread.is_alive() for thread in threads)
+    give_up.set()
+    for record in downloads:
+        sock = record.connection.sock if record.connection else None
+        if sock is not None:
+            with contextlib.suppress(OSError):  # wakes a read still waiting on the gateway
+                sock.shutdown(socket.SHUT_RDWR)
+    for thread in [*threads, hitter]:
+        thread.join(timeout=CLIENT_TIMEOUT_S)
+
+    complete = sum(1 for d in downloads if d.status == "200" and d.received == BIG_SIZE)
+    growth = peak - before
+    growth_note = f"{_mb(growth)} MB (before {_mb(before)}, peak {_mb(peak)} MB, {samples} samples)"
+    if capped:
+        growth_note += f", stopped past {_mb(DOWNLOAD_RSS_CAP)} MB"
+    if complete < DOWNLOADS:
+        growth_note += f", {complete}/{DOWNLOADS} downloads complete"
+    growth_verdict = DOWNLOAD_GROWTH_GOAL.verdict(
+        growth_note, growth / MB < DOWNLOAD_GROWTH_GOAL_MB and complete == DOWNLOADS
+    )
+    ordered = sorted(latencies)
+    hits_made = len(ordered)
+    max_s = ordered[-1] if ordered else 0.0
+    p99_s = ordered[min(hits_made - 1, int(hits_made * 0.99))] if ordered else 0.0
+    all_hits = hits_made > 0 and set(hit_answers) == {"200 HIT"}
+    hits_verdict = DOWNLOAD_HITS_GOAL.verdict(
+        f"max {max_s * 1000:.0f} ms, p99 {p99_s * 1000:.0f} ms over {hits_made} hits"
+        + ("" if all_hits else f" ({_counter_text(hit_answers)})"),
+        all_hits and max_s < DOWNLOAD_HIT_GOAL_S,
+    )
+    lines = [
+        f"downloads: {DOWNLOADS} concurrent keyed GETs of a {BIG_SIZE // MB} MiB no-store answer "
+        f"(nginx) through a fresh gateway ({stack.workers} workers), read and discarded; "
+        f"meanwhile sequential keyed cache hits, a new connection each"
+        + (f"; gave up after {DOWNLOAD_LIMIT_S:.0f} s" if timed_out else ""),
+    ]
+    for number, record in enumerate(downloads, 1):
+        lines.append(
+            f"  download {number}: status {record.status}, {record.received / MB:.1f} MiB of "
+            f"{BIG_SIZE // MB} in {record.seconds:.1f} s"
+        )
+    lines += [
+        f"downloads: gateway RSS growth (master + workers, max during - before): {growth_note}"
+        f"   goal {growth_verdict.goal}: {met_text(growth_verdict.met)}",
+        f"downloads: keyed cache hits meanwhile: {hits_made}, answers "
+        f"{_counter_text(hit_answers)}, p99 {p99_s * 1000:.1f} ms, max {max_s * 1000:.1f} ms"
+        f"   goal {hits_verdict.goal}: {met_text(hits_verdict.met)}",
+    ]
+    return ProbeReport(lines, [growth_verdict, hits_verdict])
+
+
+# --- shutdown --------------------------------------------------------------------------------
+
+SHUTDOWN_UPSTREAM_DELAY_S = 1.0
+SHUTDOWN_IDLE = 40  # idle keep-alive connections open at SIGTERM
+SHUTDOWN_IN_FLIGHT = 10  # requests waiting on the upstream at SIGTERM
+SHUTDOWN_EXIT_GOAL_S = 4.0
+# How long the probe waits for the gateway to exit before killing it: longer than the default
+# GRACEFUL_TIMEOUT (30 s), so that a gateway that waits it out is still seen to exit.
+SHUTDOWN_WAIT_S = 45.0
+DRAIN_S = 3  # SHUTDOWN_DRAIN_SECONDS in the drain variant
+DRAIN_INTERVAL_S = 0.1
+DRAIN_REQUEST_TIMEOUT_S = 1.0
+READY_CHECK_AFTER_S = 0.2  # when /health/ready is asked after SIGTERM
+
+SHUTDOWN_ANSWERED_GOAL = GoalSpec(
+    "shutdown: requests in flight at SIGTERM", f"all {SHUTDOWN_IN_FLIGHT} answered 200"
+)
+SHUTDOWN_EXIT_GOAL = GoalSpec(
+    "shutdown: gateway exit after SIGTERM", f"exit 0 within {SHUTDOWN_EXIT_GOAL_S:.0f} s"
+)
+DRAIN_SERVED_GOAL = GoalSpec(
+    f"shutdown drain (SHUTDOWN_DRAIN_SECONDS={DRAIN_S}): new requests served",
+    f">= {DRAIN_S} s after SIGTERM",
+)
+DRAIN_READY_GOAL = GoalSpec(
+    "shutdown drain: /health/ready right after SIGTERM",
+    f"503 (asked {READY_CHECK_AFTER_S:.1f} s after)",
+)
+
+
+@dataclasses.dataclass
+class _Shutdown:
+    in_flight: Counter[str] = dataclasses.field(default_factory=Counter)
+    exit_code: int | None = None  # None: killed after SHUTDOWN_WAIT_S
+    exit_s: float = 0.0
+    # Drain variant: (seconds after SIGTERM, answer) of each request sent after it.
+    after: list[tuple[float, str]] = dataclasses.field(default_factory=list)
+    ready: str = "-"
+
+
+def _get_once(host: str, port: int | None, path: str, headers: Mapping[str, str]) -> str:
+    """One GET on a new connection (as a load balancer's new request would come): the status,
+    or the kind of error."""
+    connection = http.client.HTTPConnection(host, port, timeout=DRAIN_REQUEST_TIMEOUT_S)
+    try:
+        connection.request("GET", path, headers={**headers, "Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        return str(response.status)
+    except Exception as exc:
+        return f"error:{type(exc).__name__}"
+    finally:
+        connection.close()
+
+
+def _shutdown_run(stack: Stack, env: Mapping[str, str], drain: bool) -> _Shutdown:
+    """A fresh gateway in front of the 1 s upstream: 40 idle keep-alive connections, 10
+    requests in flight, then SIGTERM to the gunicorn master; with ``drain``, a new request
+    every 100 ms after it and one readiness check."""
+    upstream = stack.slow_upstream_1s
+    gateway = stack.fresh_gateway(upstream, env, min(stack.workers, 2))
+    parts = urllib.parse.urlsplit(gateway)
+    host, port = parts.hostname or "127.0.0.1", parts.port
+    token = secrets.token_hex(6)
+    hit_path = f"/api/v1/cacheable/shutdown-hit-{token}"
+    headers = stack.headers(gateway + hit_path)
+    outcome = _Shutdown()
+    lock = threading.Lock()
+    idle: list[http.client.HTTPConnection] = []
+    process = stack.server(gateway)
+    try:
+        with _session(headers) as session:
+            _warm(session, gateway + hit_path)
+        for _ in range(SHUTDOWN_IDLE):
+            connection = http.client.HTTPConnection(host, port, timeout=CLIENT_TIMEOUT_S)
+            idle.append(connection)
+            connection.request("GET", "/health/live", headers=dict(BENCH_HEADERS))
+            connection.getresponse().read()  # answered; the connection stays open, idle
+
+        def in_flight(path: str) -> None:
+            connection = http.client.HTTPConnection(host, port, timeout=CLIENT_TIMEOUT_S)
+            try:
+                connection.request("GET", path, headers=headers)
+                response = connection.getresponse()
+                response.read()
+                answer = str(response.status)
+            except Exception as exc:
+                answer = f"error:{type(exc).__name__}"
+            finally:
+                connection.close()
+            with lock:
+                outcome.in_flight[answer] += 1
+
+        paths = [f"/cacheable/shutdown-{token}-{n}" for n in range(SHUTDOWN_IN_FLIGHT)]
+        requesters = [
+            threading.Thread(target=in_flight, args=(f"/api/v1{path}",), daemon=True)
+            for path in paths
+        ]
+        for thread in requesters:
+            thread.start()
+        # SIGTERM only once every request is waiting on the upstream.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            counts = upstream_counts(upstream)
+            if all(counts.get(path, 0) >= 1 for path in paths):
+                break
+            time.sleep(0.02)
+        exited = threading.Event()
+        sigterm_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+
+        def ready_check() -> None:
+            time.sleep(READY_CHECK_AFTER_S)
+            outcome.ready = _get_once(host, port, "/health/ready", BENCH_HEADERS)
+
+        def keep_asking() -> None:
+            tick = sigterm_at
+            while not exited.is_set() and tick - sigterm_at < DRAIN_S + 2:
+                answer = _get_once(host, port, hit_path, headers)
+                outcome.after.append((tick - sigterm_at, answer))
+                tick += DRAIN_INTERVAL_S
+                time.sleep(max(0.0, tick - time.monotonic()))
+
+        watchers = [
+            threading.Thread(target=target, daemon=True)
+            for target in ((ready_check, keep_asking) if drain else ())
+        ]
+        for thread in watchers:
+            thread.start()
+        try:
+            outcome.exit_code = process.wait(timeout=SHUTDOWN_WAIT_S)
+            outcome.exit_s = time.monotonic() - sigterm_at
+        except subprocess.TimeoutExpired:
+            outcome.exit_s = time.monotonic() - sigterm_at
+            process.kill()
+            process.wait()
+        exited.set()
+        for thread in [*requesters, *watchers]:
+            thread.join(timeout=CLIENT_TIMEOUT_S)
+        unanswered = SHUTDOWN_IN_FLIGHT - sum(outcome.in_flight.values())
+        if unanswered:
+            outcome.in_flight["unanswered"] += unanswered
+    finally:
+        for connection in idle:
+            connection.close()
+        stack.stop(gateway)
+    return outcome
+
+
+def _served_for(after: list[tuple[float, str]]) -> tuple[float, bool]:
+    """How long after SIGTERM new requests kept being answered 200: the send time of the first
+    one that was not (or of the last one plus an interval, and True, when none failed)."""
+    for sent, answer in after:
+        if answer != "200":
+            return sent, False
+    return (after[-1][0] + DRAIN_INTERVAL_S if after else 0.0), True
+
+
+def _exit_text(run: _Shutdown) -> str:
+    if run.exit_code is None:
+        return f"no exit within {SHUTDOWN_WAIT_S:.0f} s (killed)"
+    return f"exit code {run.exit_code} after {run.exit_s:.2f} s"
+
+
+def _shutdown_probe(stack: Stack, _options: Options) -> ProbeReport:
+    setup = (
+        f"a fresh gateway ({min(stack.workers, 2)} workers, default GRACEFUL_TIMEOUT) in front "
+        f"of an upstream answering after {SHUTDOWN_UPSTREAM_DELAY_S:.0f} s; "
+        f"{SHUTDOWN_IDLE} idle keep-alive connections, {SHUTDOWN_IN_FLIGHT} requests in flight, "
+        f"then SIGTERM to the gunicorn master"
+    )
+    plain = _shutdown_run(stack, {}, drain=False)
+    answered = SHUTDOWN_ANSWERED_GOAL.verdict(
+        f"{plain.in_flight['200']}/{SHUTDOWN_IN_FLIGHT} ({_counter_text(plain.in_flight)})",
+        plain.in_flight["200"] == SHUTDOWN_IN_FLIGHT,
+    )
+    exited = SHUTDOWN_EXIT_GOAL.verdict(
+        _exit_text(plain),
+        plain.exit_code == 0 and plain.exit_s <= SHUTDOWN_EXIT_GOAL_S,
+    )
+    drained = _shutdown_run(stack, {"SHUTDOWN_DRAIN_SECONDS": str(DRAIN_S)}, drain=True)
+    served_s, none_failed = _served_for(drained.after)
+    answers = Counter(answer for _, answer in drained.after)
+    served = DRAIN_SERVED_GOAL.verdict(
+        f"{served_s:.1f} s{' (none failed)' if none_failed else ''}", served_s >= DRAIN_S
+    )
+    ready = DRAIN_READY_GOAL.verdict(drained.ready, drained.ready == "503")
+    lines = [
+        f"shutdown: {setup}",
+        f"shutdown: in flight at SIGTERM: {_counter_text(plain.in_flight)}   "
+        f"goal {answered.goal}: {met_text(answered.met)}",
+        f"shutdown: {_exit_text(plain)}   goal {exited.goal}: {met_text(exited.met)}",
+        f"shutdown drain: the same with SHUTDOWN_DRAIN_SECONDS={DRAIN_S}, and after SIGTERM a "
+        f"keyed cache hit every {DRAIN_INTERVAL_S * 1000:.0f} ms on a new connection",
+        f"shutdown drain: /health/ready {READY_CHECK_AFTER_S:.1f} s after SIGTERM: "
+        f"{drained.ready}   goal {ready.goal}: {met_text(ready.met)}",
+        f"shutdown drain: requests after SIGTERM answered 200 for {served.measured} "
+        f"({len(drained.after)} sent: {_counter_text(answers)})   goal {served.goal}: "
+        f"{met_text(served.met)}",
+        f"shutdown drain: in flight at SIGTERM: {_counter_text(drained.in_flight)}; "
+        f"{_exit_text(drained)}",
+    ]
+    return ProbeReport(lines, [answered, exited, served, ready])
+
+
 def _load_text(result: LoadResult) -> str:
     return (
         f"{result.requests_per_s:.0f} req/s, p50 {result.p50_ms:.2f} ms, "
@@ -746,6 +1382,12 @@ PROBES: tuple[Probe, ...] = (
         "stampede-2",
         _stampede_2_probe,
         (STAMPEDE_2_GOALS.upstream_calls, STAMPEDE_2_GOALS.all_ok),
+    ),
+    Probe("downloads", _downloads_probe, (DOWNLOAD_GROWTH_GOAL, DOWNLOAD_HITS_GOAL)),
+    Probe(
+        "shutdown",
+        _shutdown_probe,
+        (SHUTDOWN_ANSWERED_GOAL, SHUTDOWN_EXIT_GOAL, DRAIN_SERVED_GOAL, DRAIN_READY_GOAL),
     ),
 )
 
