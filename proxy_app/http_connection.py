@@ -63,6 +63,7 @@ _STATUS_REASONS = {
     417: "Expectation Failed",
     431: "Request Header Fields Too Large",
     500: "Internal Server Error",
+    502: "Bad Gateway",
     501: "Not Implemented",
     505: "HTTP Version Not Supported",
 }
@@ -103,6 +104,11 @@ class FairShare:
     def settle(self, mark: int) -> None:
         if self._loop.iteration == mark:
             self._sleep(0)
+
+
+class ResponseAborted(Exception):
+    """Raised by an app's body iterable to have the connection cut (the answer cannot be
+    completed); the app has logged why, so the server does not again."""
 
 
 class RequestRefused(Exception):
@@ -234,7 +240,7 @@ class Connection:
         self.app = app
         self.keepalive_s = keepalive_s
         self.request_timeout_s = request_timeout_s
-        self._fair_share = fair_share
+        self.fair_share = fair_share
         self._state = state or ServerState()
         self._served = 0
         host, port = (address[0], address[1]) if isinstance(address, tuple) else ("", 0)
@@ -461,7 +467,7 @@ class Connection:
     def _handle(self, request: _Request) -> bool:
         """Run the app for one request and send its answer; whether the connection may carry
         another request."""
-        fair_share = self._fair_share
+        fair_share = self.fair_share
         mark = fair_share.mark() if fair_share is not None else 0
         environ = self._environ(request)
         response = _Response(self, request)
@@ -475,6 +481,12 @@ class Connection:
                     close()
         except OSError:
             raise
+        except ResponseAborted:
+            if response.sent_head:
+                raise OSError("response aborted") from None
+            raise RequestRefused(
+                502, "bad_gateway", "The gateway could not complete this answer."
+            ) from None
         except Exception:
             # The app's own errors become JSON answers inside it; this is what escaped it.
             log.exception("the app failed to answer")
@@ -583,9 +595,17 @@ class _Response:
 
     def send(self, result: Iterable[bytes]) -> None:
         self._sock.settimeout(SEND_TIMEOUT_S)
+        fair_share = self._connection.fair_share
+        mark = None
         for chunk in result:
+            if mark is not None and fair_share is not None:
+                # A fast upstream and a fast client may never make the worker wait: the other
+                # connections get a turn between the pieces of a streamed body all the same.
+                fair_share.settle(mark)
             if chunk:
                 self._send_chunk(chunk)
+            if fair_share is not None:
+                mark = fair_share.mark()
         if not self.sent_head:
             self._sock.sendall(self._head(0, complete=True))
         elif self._chunked:

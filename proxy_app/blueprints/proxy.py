@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import orjson
-from flask import Blueprint, Response, current_app, g, request
+from flask import Blueprint, Response, g, request
 from werkzeug.routing import PathConverter
 
 from proxy_app import services
@@ -22,8 +22,8 @@ from proxy_app.errors import (
     UnsupportedMediaType,
 )
 from proxy_app.forwarding import forward_request_headers, judge_target
+from proxy_app.http_connection import ResponseAborted
 from proxy_app.logging import reset_request_id, set_request_id
-from proxy_app.pipeline import FAIR_SHARE, FairShare
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -143,8 +143,7 @@ def client_response(served: Served, method: str) -> Response:
         if streamed_length is not None:
             # Known up front: the server sends the body as it is, without chunked framing.
             headers.append(("content-length", str(streamed_length)))
-        fair_share = current_app.extensions.get(FAIR_SHARE)
-        body = StreamedBody(served.stream, fair_share, g.get("request_id"))
+        body = StreamedBody(served.stream, g.get("request_id"))
         response = UpstreamAnswer(body, status=served.status, headers=headers)
     else:
         response = UpstreamAnswer(served.body, status=served.status, headers=headers)
@@ -169,32 +168,25 @@ class StreamedBody:
     reused. An upstream failure part-way is raised from the iteration, so that the server cuts
     the client's connection instead of ending a truncated body as if it were whole."""
 
-    def __init__(
-        self, upstream: UpstreamResponse, fair_share: FairShare | None, request_id: str | None
-    ) -> None:
+    def __init__(self, upstream: UpstreamResponse, request_id: str | None) -> None:
         self._upstream = upstream
-        self._fair_share = fair_share
         # The request's context is gone by the time the server iterates: what is logged while
         # the body passes (an upstream failing part-way) still names the request.
         self._request_id = request_id
 
     def __iter__(self) -> Iterator[bytes]:
         pieces = self._upstream.chunks()
-        fair_share = self._fair_share
         while True:
-            mark = fair_share.mark() if fair_share is not None else 0
             token = set_request_id(self._request_id)
             try:
                 piece = next(pieces, None)
+            except UpstreamError as exc:  # logged where it happened
+                raise ResponseAborted(str(exc)) from exc
             finally:
                 reset_request_id(token)
             if piece is None:
                 return
             yield piece
-            if fair_share is not None:
-                # A fast upstream and a fast client may never make the worker wait: the other
-                # connections get a turn between pieces all the same.
-                fair_share.settle(mark)
 
     def close(self) -> None:
         self._upstream.close()
