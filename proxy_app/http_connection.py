@@ -323,21 +323,28 @@ class Connection:
             )
         request.method = parser.get_method()
         request.keep_alive = parser.should_keep_alive()
+        hosts = 0
         for name, value in request.headers:
             lowered = name.lower()
-            if lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
+            if lowered == b"host":
+                hosts += 1
+            elif lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
                 # llhttp takes codings before the final chunked; none is decoded here.
                 raise RequestRefused(
                     501,
                     "unsupported_transfer_coding",
                     "Only the chunked transfer coding is supported.",
                 )
-            if lowered == b"expect":
+            elif lowered == b"expect":
                 if value.strip().lower() != b"100-continue":
                     raise RequestRefused(
                         417, "expectation_failed", "Only Expect: 100-continue is served."
                     )
                 request.expect_continue = request.version == "1.1"
+        if hosts > 1 or (hosts == 0 and request.version == "1.1"):
+            # RFC 9112 section 3.2: exactly one Host in HTTP/1.1; two could be read differently
+            # by the gateway and whatever sits in front of it.
+            raise RequestRefused(400, "bad_request", "An HTTP/1.1 request needs exactly one Host.")
         self._ready.append(request)
 
     def on_body(self, body: bytes) -> None:
@@ -699,7 +706,8 @@ _METHODS = {
     method.encode(): method
     for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 }
-# Header names that may occur once; a repeated one keeps its last value instead of a list.
+# Header names that may occur once (the parser or the server refuses repeats of the latter two);
+# a repeated one keeps its last value instead of a list.
 _SINGLE_VALUED = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_HOST"})
 _ENVIRON_NAMES: dict[bytes, str] = {}
 

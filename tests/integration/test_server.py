@@ -354,6 +354,8 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(
         b"GET /health/live HTTP/1.1\r\nHost : gateway.test\r\n\r\n",
         b"GET /health/live HTTP/1.1\r\nX-Nul: a\x00b\r\n\r\n",
         b"GET /health/live HTTP/2.0\r\nHost: gateway.test\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nUser-Agent: no-host\r\n\r\n",
+        b"GET /health/live HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
     ],
     ids=[
@@ -363,6 +365,8 @@ def test_ambiguous_framing_is_refused_and_the_connection_closed(
         "space before colon",
         "NUL in a value",
         "HTTP/2.0 request line",
+        "HTTP/1.1 without Host",
+        "two Hosts",
         "TLS handshake",
     ],
 )
