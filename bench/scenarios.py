@@ -343,39 +343,6 @@ class RatioGoal:
 
 
 @dataclasses.dataclass(frozen=True)
-class P99Goal:
-    """The median over the rounds of wrk's p99 latency at most ``max_ms``, at ``connections``
-    connections (not measured at any other ``--connections``); the p99 of the load scenario
-    ``context`` is shown next to it when that ran."""
-
-    name: str
-    max_ms: float
-    connections: int
-    context: str | None = None
-
-    def verdict(
-        self,
-        scenario: str,
-        medians: Mapping[str, LoadRun],
-        options: Options,
-        skipped: Mapping[str, str],
-    ) -> Verdict:
-        goal = f"<= {self.max_ms:.0f} ms at {self.connections} connections"
-        why = _missing((scenario,), medians, skipped)
-        if why is not None:
-            return Verdict(self.name, f"not measured ({why})", goal, None)
-        if options.connections != self.connections:
-            why = f"run at {options.connections} connections"
-            return Verdict(self.name, f"not measured ({why})", goal, None)
-        p99 = medians[scenario].result.p99_ms
-        measured = f"{p99:.2f} ms"
-        context = medians.get(self.context) if self.context else None
-        if context is not None:
-            measured += f" ({self.context}: {context.result.p99_ms:.2f} ms)"
-        return Verdict(self.name, measured, goal, p99 <= self.max_ms)
-
-
-@dataclasses.dataclass(frozen=True)
 class RelativeP99Goal:
     """The median over the rounds of wrk's p99 latency at most that of the load scenario
     ``reference`` in the same run, at ``connections`` connections; the p99 of ``context`` is
@@ -409,7 +376,7 @@ class RelativeP99Goal:
         return Verdict(self.name, measured, goal, p99 <= reference)
 
 
-Goal = RatioGoal | P99Goal | RelativeP99Goal
+Goal = RatioGoal | RelativeP99Goal
 
 
 def _always(_options: Options) -> str | None:
