@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import random
 import re
 import time
 
@@ -30,31 +30,41 @@ def route_group(path: str) -> str:
     return "other"
 
 
+def new_request_id() -> str:
+    """128 random bits as 32 hex digits. Unique, not secret: the process's generator (seeded
+    anew in each worker) serves, without a system call per request."""
+    return f"{random.getrandbits(128):032x}"
+
+
 def _start_request() -> None:
-    g.started = time.perf_counter()
+    state = g._get_current_object()  # one context lookup for the several uses below
+    state.started = time.perf_counter()
     incoming = request.environ.get(_REQUEST_ID_ENVIRON, "")
-    request_id = incoming if _VALID_REQUEST_ID.match(incoming) else os.urandom(16).hex()
-    g.request_id = request_id
-    g.request_id_token = set_request_id(request_id)
+    request_id = incoming if _VALID_REQUEST_ID.match(incoming) else new_request_id()
+    state.request_id = request_id
+    state.request_id_token = set_request_id(request_id)
 
 
 def _finish_request(response: Response) -> Response:
-    response.headers[REQUEST_ID_HEADER] = g.request_id
-    duration_s = time.perf_counter() - g.started
-    group = route_group(request.path)
-    method = request.method
+    state = g._get_current_object()
+    current = request._get_current_object()  # type: ignore[attr-defined]
+    response.headers[REQUEST_ID_HEADER] = state.request_id
+    duration_s = time.perf_counter() - state.started
+    path = current.path
+    group = route_group(path)
+    method = current.method
     label = method if method in _METHOD_LABELS else "OTHER"
     services.metrics().observe_request(group, label, response.status_code, duration_s)
     level = logging.DEBUG if group == "health" else logging.INFO
     if log.isEnabledFor(level):
         fields: dict[str, object] = {
             "method": method,
-            "path": request.path,
+            "path": path,
             "status": response.status_code,
             "duration_ms": round(duration_s * 1000, 2),
         }
         for name in ("upstream_status", "upstream_ms", "cache", "key_id"):
-            value = g.get(name)
+            value = state.get(name)
             if value is not None:
                 fields[name] = value
         log.log(level, "request", extra=fields)

@@ -130,6 +130,9 @@ class GatewayWorker(Worker):  # type: ignore[misc]
             connections.add(connection)
             try:
                 connection.serve()
+            except Exception:
+                # Said as a JSON log line, not as gevent's plain-text traceback on stderr.
+                log.exception("serving a connection failed")
             finally:
                 connections.discard(connection)
 

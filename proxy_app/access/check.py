@@ -74,9 +74,10 @@ def enforce_api_key() -> None:
     if key_id is None:
         _reject("invalid")
     gate = services.access_gate()
+    state = g._get_current_object()  # one context lookup for the several uses below
     try:
         # The proxy may have named, in g, a cache entry it will want: read in the same trip.
-        decision = gate.check(key_id, raw_key, g.get("cache_prefetch_key"))
+        decision = gate.check(key_id, raw_key, state.get("cache_prefetch_key"))
     except RedisUnavailable:
         services.metrics().auth_rejections.labels("unavailable").inc()
         raise ServiceUnavailable(
@@ -86,9 +87,9 @@ def enforce_api_key() -> None:
         ) from None
     if decision.outcome in ("unknown", "revoked", "expired"):
         _reject("invalid" if decision.outcome == "unknown" else decision.outcome)
-    g.key_id = key_id
-    g.rate_limit = decision.rate
-    g.cache_prefetched = decision.prefetched
+    state.key_id = key_id
+    state.rate_limit = decision.rate
+    state.cache_prefetched = decision.prefetched
     if decision.outcome == "limited" and decision.rate is not None:
         services.metrics().rate_limited.inc()
         raise TooManyRequests(
