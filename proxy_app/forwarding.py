@@ -42,30 +42,47 @@ FORWARDED_REQUEST_HEADERS = frozenset(
     }
 )
 
-# Headers that describe the representation or its caching; hop-by-hop, cookies, server identity
-# and the upstream's own auth challenges or rate-limit counters are not the client's business.
-PASSED_RESPONSE_HEADERS = frozenset(
+# RFC 9110 section 7.6.1: they describe one connection, not the message; the upstream may name
+# more in its Connection header.
+HOP_BY_HOP_HEADERS = frozenset(
     {
-        "content-type",
-        "content-encoding",
-        "content-language",
-        "content-disposition",
-        "content-range",
-        "content-location",
-        "accept-ranges",
-        "cache-control",
-        "etag",
-        "last-modified",
-        "expires",
-        "vary",
-        "link",
-        "location",
-        "retry-after",
-        "allow",
-        "deprecation",
-        "sunset",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     }
 )
+
+# Upstream response headers a client never sees: framing (the server sets it for the bytes it
+# sends), cookies and server identity, the upstream's own auth challenges and rate-limit
+# counters (the client's key and limits are the gateway's), the names the gateway sets itself
+# (its own must not be duplicated or overridden), and headers about the upstream's origin
+# rather than the gateway's (alternative services).
+HIDDEN_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
+    {
+        "content-length",
+        "set-cookie",
+        "set-cookie2",
+        "server",
+        "x-powered-by",
+        "www-authenticate",
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "ratelimit",
+        "ratelimit-policy",
+        "x-cache",
+        "x-cache-key-hash",
+        "x-request-id",
+        "age",
+        "alt-svc",
+    }
+)
+# Whole families: the upstream's rate-limit counters, and its CORS answers (CORS is the
+# gateway's decision, made per request; an upstream's would leak or contradict it).
+HIDDEN_RESPONSE_HEADER_PREFIXES = ("x-ratelimit-", "ratelimit-", "access-control-")
 
 _SCHEME_PREFIX = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:[/\\]")
 _PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -184,14 +201,34 @@ def forward_request_headers(headers: Iterable[tuple[str, str]], request_id: str)
     return forwarded
 
 
+def hidden_response_headers(operator_hidden: Iterable[str]) -> frozenset[str]:
+    """The response header names never passed on: the fixed ones and the operator's
+    (PROXY_HIDE_RESPONSE_HEADERS), built once."""
+    return HIDDEN_RESPONSE_HEADERS | frozenset(name.lower() for name in operator_hidden)
+
+
 def filter_response_headers(
-    headers: Iterable[tuple[str, str]], upstream_base_url: str
+    headers: Iterable[tuple[str, str]],
+    upstream_base_url: str,
+    hidden: frozenset[str] = HIDDEN_RESPONSE_HEADERS,
 ) -> list[tuple[str, str]]:
-    """The safe upstream response headers; Location into the upstream becomes a gateway path."""
+    """The upstream's end-to-end response headers, names lowercased, without the ``hidden``
+    ones (from ``hidden_response_headers``) and those its Connection header names; a Location
+    into the upstream becomes a gateway path."""
+    lowered_headers = [(name.lower(), value) for name, value in headers]
+    connection_named = {
+        token.strip().lower()
+        for name, value in lowered_headers
+        if name == "connection"
+        for token in value.split(",")
+    }
     passed = []
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered not in PASSED_RESPONSE_HEADERS:
+    for lowered, value in lowered_headers:
+        if (
+            lowered in hidden
+            or lowered in connection_named
+            or lowered.startswith(HIDDEN_RESPONSE_HEADER_PREFIXES)
+        ):
             continue
         if lowered in ("location", "content-location"):
             value = gateway_location(value, upstream_base_url)

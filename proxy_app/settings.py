@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -43,6 +44,7 @@ class Settings:
     upstream_api_key: str = dataclasses.field(default="", repr=False)
     proxy_body_limit_bytes: int = 1_048_576
     proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
+    proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -111,8 +113,22 @@ def _path_prefixes(value: str) -> None:
             raise ValidationError(f"prefix {prefix!r} does not start with '/'")
 
 
+# RFC 9110 section 5.1: a field name is a token.
+_FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_names(value: str) -> None:
+    for name in _split_csv(value):
+        if not _FIELD_NAME.match(name):
+            raise ValidationError(f"{name!r} is not a header name")
+
+
 def _split_csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _lowered_names(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.lower() for name in _split_csv(value)))
 
 
 def strip_gateway_prefix(path: str) -> str:
@@ -186,6 +202,11 @@ class _SettingsSchema(Schema):
         1024,
         1024**4,
     )
+    proxy_hide_response_headers = _str(
+        "PROXY_HIDE_RESPONSE_HEADERS",
+        "comma-separated header names such as x-internal-trace,x-backend",
+        _header_names,
+    )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
     cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
@@ -228,6 +249,10 @@ class _SettingsSchema(Schema):
         if "cache_bypass_paths" in data:
             data["cache_bypass_paths"] = tuple(
                 strip_gateway_prefix(p) for p in _split_csv(data["cache_bypass_paths"])
+            )
+        if "proxy_hide_response_headers" in data:
+            data["proxy_hide_response_headers"] = _lowered_names(
+                data["proxy_hide_response_headers"]
             )
         if "api_keys_redis_url" not in data and "cache_redis_url" in data:
             data["api_keys_redis_url"] = data["cache_redis_url"]

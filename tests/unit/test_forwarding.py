@@ -7,6 +7,7 @@ from proxy_app.forwarding import (
     filter_response_headers,
     forward_request_headers,
     gateway_location,
+    hidden_response_headers,
     judge_target,
     path_problem,
     split_raw_uri,
@@ -150,7 +151,7 @@ def test_client_accept_encoding_is_forwarded_when_given() -> None:
     assert forwarded["accept-encoding"] == "gzip"
 
 
-def test_only_safe_response_headers_come_back() -> None:
+def test_hop_by_hop_secret_and_upstream_control_headers_are_dropped() -> None:
     upstream = [
         ("Content-Type", "application/json"),
         ("Content-Encoding", "gzip"),
@@ -166,6 +167,17 @@ def test_only_safe_response_headers_come_back() -> None:
         ("WWW-Authenticate", "ApiKey"),
         ("X-RateLimit-Remaining", "5"),
         ("Content-Length", "10"),
+        ("RateLimit", "limit=10"),
+        ("RateLimit-Policy", "10;w=60"),
+        ("Proxy-Authenticate", "Basic"),
+        ("Upgrade", "h2c"),
+        ("TE", "trailers"),
+        ("Trailer", "Expires"),
+        ("Proxy-Connection", "keep-alive"),
+        ("X-Cache", "HIT from upstream"),
+        ("X-Request-Id", "upstream-id"),
+        ("Age", "30"),
+        ("Access-Control-Allow-Origin", "*"),
     ]
     passed = filter_response_headers(upstream, "https://up.example/v4")
     assert passed == [
@@ -210,3 +222,32 @@ def test_judge_target_gives_the_same_answer_every_time(padding: int) -> None:
         assert refused.refusal == "The path was refused: dot segments."
         outside = judge_target(f"/elsewhere/{pad}")
         assert outside.refusal == "The path is not under /api/v1."
+
+
+def test_custom_end_to_end_response_headers_pass() -> None:
+    upstream = [
+        ("X-Total-Count", "42"),
+        ("X-Next-Page", "3"),
+        ("Server-Timing", "db;dur=53"),
+        ("Content-MD5", "Q2hlY2sgSW50ZWdyaXR5IQ=="),
+        ("X-Anything", "value"),
+    ]
+    passed = filter_response_headers(upstream, "https://up.example/v4")
+    assert passed == [(name.lower(), value) for name, value in upstream]
+
+
+def test_headers_named_in_connection_are_dropped() -> None:
+    upstream = [
+        ("Connection", "X-Hop-One, x-hop-two"),
+        ("X-Hop-One", "1"),
+        ("X-Hop-Two", "2"),
+        ("X-Kept", "3"),
+    ]
+    assert filter_response_headers(upstream, "https://up.example/v4") == [("x-kept", "3")]
+
+
+def test_operator_hidden_response_headers_are_dropped_whatever_their_case() -> None:
+    hidden = hidden_response_headers(["x-internal-trace", "x-backend"])
+    upstream = [("X-Internal-Trace", "t"), ("X-BACKEND", "b1"), ("X-Total-Count", "1")]
+    passed = filter_response_headers(upstream, "https://up.example/v4", hidden)
+    assert passed == [("x-total-count", "1")]

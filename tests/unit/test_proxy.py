@@ -401,3 +401,67 @@ def test_an_error_body_too_long_to_share_is_streamed_to_its_own_client(
     assert (response.status_code, response.headers["x-cache"]) == (500, "BYPASS")
     assert digest(response.iter_encoded()) == generated_digest(size)
     response.close()
+
+
+def test_custom_upstream_headers_reach_the_client_on_miss_and_hit(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/listing",
+        Reply(
+            headers=(
+                ("Content-Type", "application/json"),
+                ("Cache-Control", "max-age=60"),
+                ("X-Total-Count", "42"),
+                ("Server-Timing", "db;dur=5"),
+                ("Server", "upstream/1.0"),
+            )
+        ),
+    )
+    first = client.get("/api/v1/listing")
+    second = client.get("/api/v1/listing")
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    for response in (first, second):
+        assert response.headers["x-total-count"] == "42"
+        assert response.headers["server-timing"] == "db;dur=5"
+        assert "server" not in response.headers
+    assert len(upstream.calls("/v4/listing")) == 1
+
+
+def test_upstream_copies_of_the_gateways_own_headers_never_override_them(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/own",
+        Reply(
+            headers=(
+                ("Content-Type", "application/json"),
+                ("X-Cache", "HIT"),
+                ("X-Request-Id", "from-upstream"),
+                ("X-RateLimit-Remaining", "999"),
+                ("Age", "1000"),
+                ("Cache-Control", "no-store"),
+            )
+        ),
+    )
+    response = client.get("/api/v1/own", headers={"X-Request-Id": "mine-1"})
+    assert response.headers.getlist("x-cache") == ["BYPASS"]
+    assert response.headers.getlist("x-request-id") == ["mine-1"]
+    assert len(response.headers.getlist("x-ratelimit-remaining")) == 1
+    assert response.headers["x-ratelimit-remaining"] != "999"
+    assert "age" not in response.headers
+
+
+def test_operator_hidden_response_headers_never_reach_the_client(upstream: StubUpstream) -> None:
+    app = fake_redis_app(
+        upstream_base_url=f"{upstream.url}/v4",
+        proxy_hide_response_headers=("x-backend",),
+    )
+    client = keyed_client(app)
+    upstream.reply(
+        "/v4/hidden",
+        Reply(headers=(("Content-Type", "application/json"), ("X-Backend", "db-7"))),
+    )
+    response = client.get("/api/v1/hidden")
+    assert response.status_code == 200
+    assert "x-backend" not in response.headers

@@ -216,3 +216,17 @@ def test_every_setting_is_documented_in_the_env_example() -> None:
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
     assert set(ENV_NAMES) - documented == set()
     assert {"ADMIN_API_TOKEN_FILE", "HTTP_CLIENT_API_KEY_FILE"} <= documented
+
+
+def test_hidden_response_headers_are_lowercased_names() -> None:
+    settings = load_settings({"PROXY_HIDE_RESPONSE_HEADERS": " X-Backend, x-internal ,X-BACKEND"})
+    assert settings.proxy_hide_response_headers == ("x-backend", "x-internal")
+    assert load_settings({}).proxy_hide_response_headers == ()
+
+
+def test_a_hidden_response_header_that_is_no_header_name_stops_start_up() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PROXY_HIDE_RESPONSE_HEADERS": "x-ok,bad name"})
+    (line,) = caught.value.problems
+    assert line.startswith("PROXY_HIDE_RESPONSE_HEADERS=")
+    assert "'bad name' is not a header name" in line

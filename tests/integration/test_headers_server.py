@@ -1,0 +1,72 @@
+"""Headers across the real service: upstream response headers passed end to end, operator-added
+request headers, request body types, and CORS."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.integration.test_proxy_server import upstream_env
+from tests.support.gateway import Gateway
+from tests.support.stub_upstream import Reply, StubUpstream
+
+pytestmark = pytest.mark.integration
+
+StartGateway = Callable[..., Gateway]
+
+
+def test_end_to_end_upstream_headers_pass_and_hidden_ones_do_not(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    gateway = start_gateway(upstream_env(stub, PROXY_HIDE_RESPONSE_HEADERS="X-Backend"))
+    stub.reply(
+        "/v4/items",
+        Reply(
+            body=b'{"items": []}',
+            headers=(
+                ("Content-Type", "application/json"),
+                ("Cache-Control", "max-age=6000"),
+                ("X-Total-Count", "42"),
+                ("X-Next-Page", "/v4/items?page=2"),
+                ("Server-Timing", "db;dur=53"),
+                ("Content-MD5", "Q2hlY2sgSW50ZWdyaXR5IQ=="),
+                ("Connection", "X-Hop"),
+                ("X-Hop", "1"),
+                ("X-Backend", "db-7"),
+                ("Server", "upstream/1.0"),
+                ("X-Powered-By", "php"),
+                ("WWW-Authenticate", "ApiKey"),
+                ("X-RateLimit-Remaining", "999"),
+                ("RateLimit", "limit=10, remaining=9"),
+                ("X-Cache", "HIT"),
+                ("X-Request-Id", "upstream-id"),
+                ("Age", "5000"),
+            ),
+        ),
+    )
+    first = gateway.get("/api/v1/items", headers={"X-Request-Id": "client-id-1"})
+    second = gateway.get("/api/v1/items", headers={"X-Request-Id": "client-id-2"})
+    assert first.status_code == second.status_code == 200
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    for response, request_id in ((first, "client-id-1"), (second, "client-id-2")):
+        raw = response.raw.headers
+        assert response.headers["x-total-count"] == "42"
+        assert response.headers["x-next-page"] == "/v4/items?page=2"
+        assert response.headers["server-timing"] == "db;dur=53"
+        assert response.headers["content-md5"] == "Q2hlY2sgSW50ZWdyaXR5IQ=="
+        for absent in ("x-hop", "x-backend", "x-powered-by", "www-authenticate"):
+            assert absent not in response.headers
+        assert raw.getlist("ratelimit") == [response.headers["ratelimit"]]
+        assert "limit=10" not in response.headers["ratelimit"]
+        assert raw.getlist("server") != ["upstream/1.0"]
+        assert raw.getlist("x-cache") == [response.headers["x-cache"]]
+        assert raw.getlist("x-request-id") == [request_id]
+        assert len(raw.getlist("x-ratelimit-remaining")) == 1
+        assert response.headers["x-ratelimit-remaining"] != "999"
+        assert int(response.headers["content-length"]) == len(response.content)
+    assert "age" not in first.headers  # fetched just now: the upstream's age is not copied
+    # The cache's own age, which counts the age the upstream reported when it was stored.
+    assert second.raw.headers.getlist("age") == [second.headers["age"]]
+    assert int(second.headers["age"]) >= 5000
+    assert len(stub.calls("/v4/items")) == 1
