@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
+    from proxy_app.forwarding import forwarded_request_headers
     from proxy_app.gateway_flask import GatewayFlask
     from proxy_app.logging import register_secrets
     from proxy_app.metrics import Metrics
@@ -61,6 +62,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[services.METRICS] = metrics
     app.extensions[services.REDIS] = redis
     app.extensions[services.UPSTREAM] = upstream
+    app.extensions[services.FORWARDED_HEADERS] = forwarded_request_headers(
+        settings.proxy_forward_request_headers
+    )
     app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
     app.extensions[services.KEY_REGISTRY] = KeyRegistry(redis.keys, settings.api_keys_redis_prefix)
     app.extensions[services.ACCESS_GATE] = AccessGate(

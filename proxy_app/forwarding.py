@@ -188,17 +188,49 @@ def _query_problem(query: str) -> str | None:
     return None
 
 
-def forward_request_headers(headers: Iterable[tuple[str, str]], request_id: str) -> dict[str, str]:
-    """The allowlisted client headers, plus our request id; the upstream key is added later."""
+def forwarded_request_headers(added: Iterable[str]) -> frozenset[str]:
+    """The allowlist with the names an operator added (PROXY_FORWARD_REQUEST_HEADERS), built
+    once."""
+    return FORWARDED_REQUEST_HEADERS | frozenset(name.lower() for name in added)
+
+
+def forward_request_headers(
+    headers: Iterable[tuple[str, str]],
+    request_id: str,
+    allowed: frozenset[str] = FORWARDED_REQUEST_HEADERS,
+) -> dict[str, str]:
+    """The ``allowed`` client headers (from ``forwarded_request_headers``), plus our request
+    id; the upstream key is added later."""
     forwarded: dict[str, str] = {}
     for name, value in headers:
         lowered = name.lower()
-        if lowered in FORWARDED_REQUEST_HEADERS:
+        if lowered in allowed:
             forwarded[lowered] = f"{forwarded[lowered]}, {value}" if lowered in forwarded else value
     # Without this the upstream may compress for an encoding the client never asked for.
     forwarded.setdefault("accept-encoding", "identity")
     forwarded["x-request-id"] = request_id
     return forwarded
+
+
+def body_type_allowed(mimetype: str, allowed: Iterable[str]) -> bool:
+    """Whether a request body's media type (lowercased, without parameters) is among the
+    ``allowed`` ranges: ``type/subtype``, ``type/*``, ``type/*+suffix`` or ``*/*``."""
+    kind, _, subtype = mimetype.partition("/")
+    for media_range in allowed:
+        range_kind, _, range_subtype = media_range.partition("/")
+        if range_kind == "*":
+            return True
+        if range_kind != kind or not subtype:
+            continue
+        if range_subtype in ("*", subtype):
+            return True
+        if range_subtype.startswith("*+") and subtype.endswith(range_subtype[1:]):
+            return True
+    return False
+
+
+def is_json_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
 
 
 def hidden_response_headers(operator_hidden: Iterable[str]) -> frozenset[str]:

@@ -17,6 +17,28 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, val
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+DEFAULT_BODY_TYPES = ("application/json", "application/*+json")
+# Request headers an operator may not add to the forwarded ones: credentials (the client's and
+# the gateway's), the client's routing and connection, and framing the HTTP client sets itself.
+UNFORWARDABLE_REQUEST_HEADERS = frozenset(
+    {
+        "x-api-key",
+        "api_key",
+        "cookie",
+        "authorization",
+        "proxy-authorization",
+        "host",
+        "forwarded",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 
 
 class SettingsError(Exception):
@@ -45,6 +67,8 @@ class Settings:
     proxy_body_limit_bytes: int = 1_048_576
     proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
     proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
+    proxy_forward_request_headers: tuple[str, ...] = ()  # lowercased names
+    proxy_body_types: tuple[str, ...] = DEFAULT_BODY_TYPES  # lowercased media ranges
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -121,6 +145,29 @@ def _header_names(value: str) -> None:
     for name in _split_csv(value):
         if not _FIELD_NAME.match(name):
             raise ValidationError(f"{name!r} is not a header name")
+
+
+def _forwardable_header_names(value: str) -> None:
+    _header_names(value)
+    for name in _split_csv(value):
+        lowered = name.lower()
+        if lowered in UNFORWARDABLE_REQUEST_HEADERS or lowered.startswith("x-forwarded-"):
+            raise ValidationError(f"{name!r} must never be forwarded")
+
+
+_MEDIA_NAME = r"[a-z0-9!#$&^_.+-]+"
+_MEDIA_RANGE = re.compile(
+    rf"^(\*/\*|{_MEDIA_NAME}/(\*|\*\+{_MEDIA_NAME}|{_MEDIA_NAME}))$", re.IGNORECASE
+)
+
+
+def _media_ranges(value: str) -> None:
+    ranges = _split_csv(value)
+    if not ranges:
+        raise ValidationError("names no media type")
+    for media_range in ranges:
+        if not _MEDIA_RANGE.match(media_range):
+            raise ValidationError(f"{media_range!r} is not a media type")
 
 
 def _split_csv(value: str) -> list[str]:
@@ -207,6 +254,17 @@ class _SettingsSchema(Schema):
         "comma-separated header names such as x-internal-trace,x-backend",
         _header_names,
     )
+    proxy_forward_request_headers = _str(
+        "PROXY_FORWARD_REQUEST_HEADERS",
+        "comma-separated header names such as idempotency-key,prefer,x-tenant "
+        "(never credentials, host, forwarded, content-length or hop-by-hop headers)",
+        _forwardable_header_names,
+    )
+    proxy_body_types = _str(
+        "PROXY_BODY_TYPES",
+        "comma-separated media types such as application/json,application/*+json,text/*",
+        _media_ranges,
+    )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
     cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
@@ -254,6 +312,9 @@ class _SettingsSchema(Schema):
             data["proxy_hide_response_headers"] = _lowered_names(
                 data["proxy_hide_response_headers"]
             )
+        for name in ("proxy_forward_request_headers", "proxy_body_types"):
+            if name in data:
+                data[name] = _lowered_names(data[name])
         if "api_keys_redis_url" not in data and "cache_redis_url" in data:
             data["api_keys_redis_url"] = data["cache_redis_url"]
         if data.get("upstream_base_url"):

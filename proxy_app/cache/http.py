@@ -126,7 +126,7 @@ class ProxyCache:
             path, client_header_names, self.settings.cache_bypass_paths
         ):
             return None
-        return policy.cache_key(path, query, forwarded)
+        return policy.cache_key(path, query, forwarded, self.settings.proxy_forward_request_headers)
 
     def fetch(
         self,

@@ -70,3 +70,58 @@ def test_end_to_end_upstream_headers_pass_and_hidden_ones_do_not(
     assert second.raw.headers.getlist("age") == [second.headers["age"]]
     assert int(second.headers["age"]) >= 5000
     assert len(stub.calls("/v4/items")) == 1
+
+
+def test_added_request_headers_are_forwarded_and_split_the_cache_per_value(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    gateway = start_gateway(
+        upstream_env(
+            stub,
+            PROXY_FORWARD_REQUEST_HEADERS="x-tenant,Prefer",
+            PROXY_BODY_TYPES="application/json,text/*",
+        )
+    )
+    stub.reply(
+        "/v4/report",
+        Reply(body=b'{"for": "one"}', headers=(("Cache-Control", "max-age=60"),)),
+        Reply(body=b'{"for": "two"}', headers=(("Cache-Control", "max-age=60"),)),
+    )
+    one = gateway.get("/api/v1/report", headers={"X-Tenant": "one", "Prefer": "minimal"})
+    two = gateway.get("/api/v1/report", headers={"X-Tenant": "two", "Prefer": "minimal"})
+    one_again = gateway.get("/api/v1/report", headers={"X-Tenant": "one", "Prefer": "minimal"})
+    assert (one.content, two.content, one_again.content) == (
+        b'{"for": "one"}',
+        b'{"for": "two"}',
+        b'{"for": "one"}',
+    )
+    assert one_again.headers["x-cache"] == "HIT"
+    sent = stub.calls("/v4/report")
+    assert [(c.header("x-tenant"), c.header("prefer")) for c in sent] == [
+        ("one", "minimal"),
+        ("two", "minimal"),
+    ]
+
+    stub.reply("/v4/notes", Reply(status=201))
+    note = b"line one\r\nline two \xe2\x9c\x93\n"
+    created = gateway.request(
+        "POST", "/api/v1/notes", data=note, headers={"Content-Type": "text/markdown"}
+    )
+    assert created.status_code == 201
+    assert stub.last().body == note
+    refused = gateway.request(
+        "POST", "/api/v1/notes", data=b"<a/>", headers={"Content-Type": "application/xml"}
+    )
+    assert refused.status_code == 415
+    assert refused.json()["allowed"] == ["application/json", "text/*"]
+    assert len(stub.calls("/v4/notes")) == 1
+
+
+def test_a_forbidden_added_request_header_stops_start_up_naming_it(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    gateway = start_gateway(
+        upstream_env(stub, PROXY_FORWARD_REQUEST_HEADERS="x-tenant,Authorization"), wait=False
+    )
+    assert gateway.wait_exit() == 2
+    assert "PROXY_FORWARD_REQUEST_HEADERS=" in gateway.output()

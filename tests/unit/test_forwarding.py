@@ -4,8 +4,10 @@ import pytest
 
 from proxy_app.errors import BadRequest
 from proxy_app.forwarding import (
+    body_type_allowed,
     filter_response_headers,
     forward_request_headers,
+    forwarded_request_headers,
     gateway_location,
     hidden_response_headers,
     judge_target,
@@ -251,3 +253,33 @@ def test_operator_hidden_response_headers_are_dropped_whatever_their_case() -> N
     upstream = [("X-Internal-Trace", "t"), ("X-BACKEND", "b1"), ("X-Total-Count", "1")]
     passed = filter_response_headers(upstream, "https://up.example/v4", hidden)
     assert passed == [("x-total-count", "1")]
+
+
+def test_added_request_headers_are_forwarded_besides_the_allowlist() -> None:
+    allowed = forwarded_request_headers(["Idempotency-Key", "x-tenant"])
+    incoming = [("Idempotency-Key", "k-1"), ("X-Tenant", "acme"), ("Cookie", "s=1")]
+    forwarded = forward_request_headers(incoming, "r", allowed)
+    assert forwarded["idempotency-key"] == "k-1"
+    assert forwarded["x-tenant"] == "acme"
+    assert "cookie" not in forwarded
+    assert "x-tenant" not in forward_request_headers(incoming, "r")
+
+
+@pytest.mark.parametrize(
+    ("mimetype", "allowed", "expected"),
+    [
+        ("application/json", ("application/json",), True),
+        ("application/merge-patch+json", ("application/*+json",), True),
+        ("application/json", ("application/*+json",), False),
+        ("text/csv", ("text/*",), True),
+        ("application/csv", ("text/*",), False),
+        ("application/octet-stream", ("*/*",), True),
+        ("", ("*/*",), True),
+        ("", ("application/json", "text/*"), False),
+        ("text/plain", ("application/json",), False),
+    ],
+)
+def test_body_types_match_exact_wildcard_and_suffix_ranges(
+    mimetype: str, allowed: tuple[str, ...], expected: bool
+) -> None:
+    assert body_type_allowed(mimetype, allowed) is expected

@@ -230,3 +230,51 @@ def test_a_hidden_response_header_that_is_no_header_name_stops_start_up() -> Non
     (line,) = caught.value.problems
     assert line.startswith("PROXY_HIDE_RESPONSE_HEADERS=")
     assert "'bad name' is not a header name" in line
+
+
+def test_added_request_headers_and_body_types_are_parsed_lowercased() -> None:
+    settings = load_settings(
+        {
+            "PROXY_FORWARD_REQUEST_HEADERS": "Idempotency-Key, prefer,X-Tenant",
+            "PROXY_BODY_TYPES": "application/json, Text/*,application/*+xml,*/*",
+        }
+    )
+    assert settings.proxy_forward_request_headers == ("idempotency-key", "prefer", "x-tenant")
+    assert settings.proxy_body_types == ("application/json", "text/*", "application/*+xml", "*/*")
+    defaults = load_settings({})
+    assert defaults.proxy_forward_request_headers == ()
+    assert defaults.proxy_body_types == ("application/json", "application/*+json")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x-api-key",
+        "api_key",
+        "Cookie",
+        "authorization",
+        "host",
+        "forwarded",
+        "X-Forwarded-For",
+        "x-forwarded-proto",
+        "content-length",
+        "connection",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+    ],
+)
+def test_a_secret_routing_or_hop_by_hop_request_header_cannot_be_forwarded(name: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PROXY_FORWARD_REQUEST_HEADERS": f"x-tenant,{name}"})
+    (line,) = caught.value.problems
+    assert line.startswith("PROXY_FORWARD_REQUEST_HEADERS=")
+    assert f"{name!r} must never be forwarded" in line
+
+
+@pytest.mark.parametrize("value", ["json", "application/", "text/plain;q=1", "*/json", " , "])
+def test_a_body_type_that_is_no_media_type_stops_start_up(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PROXY_BODY_TYPES": value})
+    (line,) = caught.value.problems
+    assert line.startswith("PROXY_BODY_TYPES=")
