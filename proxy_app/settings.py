@@ -69,6 +69,7 @@ class Settings:
     proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
     proxy_forward_request_headers: tuple[str, ...] = ()  # lowercased names
     proxy_body_types: tuple[str, ...] = DEFAULT_BODY_TYPES  # lowercased media ranges
+    cors_allowed_origins: tuple[str, ...] = ()  # lowercased origins, or ("*",); empty: no CORS
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -170,6 +171,28 @@ def _media_ranges(value: str) -> None:
             raise ValidationError(f"{media_range!r} is not a media type")
 
 
+def _origins(value: str) -> None:
+    origins = _split_csv(value)
+    if "*" in origins:
+        if len(origins) > 1:
+            raise ValidationError("'*' allows every origin and stands alone")
+        return
+    for origin in origins:
+        parts = urlsplit(origin)
+        try:
+            parts.port  # noqa: B018 - urlsplit validates the port lazily
+        except ValueError:
+            raise ValidationError(f"{origin!r} has an invalid port") from None
+        if (
+            parts.scheme.lower() not in ("http", "https")
+            or not parts.hostname
+            or parts.username is not None
+            or origin.rstrip("/") != f"{parts.scheme}://{parts.netloc}"
+            or origin.endswith("/")
+        ):
+            raise ValidationError(f"{origin!r} is not an origin (scheme://host[:port])")
+
+
 def _split_csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -265,6 +288,11 @@ class _SettingsSchema(Schema):
         "comma-separated media types such as application/json,application/*+json,text/*",
         _media_ranges,
     )
+    cors_allowed_origins = _str(
+        "CORS_ALLOWED_ORIGINS",
+        "comma-separated origins such as https://app.example.com,http://localhost:5173, or *",
+        _origins,
+    )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
     cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
@@ -312,7 +340,7 @@ class _SettingsSchema(Schema):
             data["proxy_hide_response_headers"] = _lowered_names(
                 data["proxy_hide_response_headers"]
             )
-        for name in ("proxy_forward_request_headers", "proxy_body_types"):
+        for name in ("proxy_forward_request_headers", "proxy_body_types", "cors_allowed_origins"):
             if name in data:
                 data[name] = _lowered_names(data[name])
         if "api_keys_redis_url" not in data and "cache_redis_url" in data:
@@ -325,7 +353,7 @@ class _SettingsSchema(Schema):
 
 
 _EMPTY_MEANS_UNSET = frozenset(
-    {"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA", "DEPLOY_ID"}
+    {"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA", "DEPLOY_ID", "PROXY_BODY_TYPES"}
 )
 _SCHEMA = _SettingsSchema()
 _FIELDS_BY_ENV = {str(field.data_key): field for field in _SCHEMA.fields.values()}

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import requests
 
 from tests.integration.test_proxy_server import upstream_env
 from tests.support.gateway import Gateway
@@ -125,3 +126,52 @@ def test_a_forbidden_added_request_header_stops_start_up_naming_it(
     )
     assert gateway.wait_exit() == 2
     assert "PROXY_FORWARD_REQUEST_HEADERS=" in gateway.output()
+
+
+def test_cors_preflight_and_answers_for_allowed_origins_only(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    app_origin, other_origin = "https://app.example.com", "http://localhost:5173"
+    gateway = start_gateway(
+        upstream_env(
+            stub,
+            CORS_ALLOWED_ORIGINS=f"{app_origin},{other_origin}",
+            PROXY_FORWARD_REQUEST_HEADERS="x-tenant",
+        )
+    )
+    preflight = requests.options(
+        gateway.url + "/api/v1/things",
+        headers={
+            "Origin": app_origin,
+            "Access-Control-Request-Method": "PUT",
+            "Access-Control-Request-Headers": "x-api-key, content-type, x-tenant",
+        },
+        timeout=10,
+    )
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == app_origin
+    assert "PUT" in preflight.headers["access-control-allow-methods"]
+    assert "x-tenant" in preflight.headers["access-control-allow-headers"]
+    refused = requests.options(
+        gateway.url + "/api/v1/things",
+        headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "GET"},
+        timeout=10,
+    )
+    assert refused.status_code == 403
+    assert "access-control-allow-origin" not in refused.headers
+    assert not stub.received
+
+    stub.reply("/v4/things", Reply(headers=(("Cache-Control", "max-age=60"),)))
+    first = gateway.get("/api/v1/things", headers={"Origin": app_origin})
+    second = gateway.get("/api/v1/things", headers={"Origin": other_origin})
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    assert first.raw.headers.getlist("access-control-allow-origin") == [app_origin]
+    assert second.raw.headers.getlist("access-control-allow-origin") == [other_origin]
+    assert "x-cache" in second.headers["access-control-expose-headers"]
+    unauthorized = requests.get(
+        gateway.url + "/api/v1/things", headers={"Origin": app_origin}, timeout=10
+    )
+    assert unauthorized.status_code == 401
+    assert unauthorized.headers["access-control-allow-origin"] == app_origin
+    health = requests.get(gateway.url + "/health", headers={"Origin": app_origin}, timeout=10)
+    assert "access-control-allow-origin" not in health.headers

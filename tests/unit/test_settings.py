@@ -241,7 +241,7 @@ def test_added_request_headers_and_body_types_are_parsed_lowercased() -> None:
     )
     assert settings.proxy_forward_request_headers == ("idempotency-key", "prefer", "x-tenant")
     assert settings.proxy_body_types == ("application/json", "text/*", "application/*+xml", "*/*")
-    defaults = load_settings({})
+    defaults = load_settings({"PROXY_BODY_TYPES": ""})
     assert defaults.proxy_forward_request_headers == ()
     assert defaults.proxy_body_types == ("application/json", "application/*+json")
 
@@ -278,3 +278,32 @@ def test_a_body_type_that_is_no_media_type_stops_start_up(value: str) -> None:
         load_settings({"PROXY_BODY_TYPES": value})
     (line,) = caught.value.problems
     assert line.startswith("PROXY_BODY_TYPES=")
+
+
+def test_cors_origins_are_parsed_and_empty_means_no_cors() -> None:
+    settings = load_settings(
+        {"CORS_ALLOWED_ORIGINS": "https://App.example.com, http://localhost:5173"}
+    )
+    assert settings.cors_allowed_origins == ("https://app.example.com", "http://localhost:5173")
+    assert load_settings({"CORS_ALLOWED_ORIGINS": "*"}).cors_allowed_origins == ("*",)
+    assert load_settings({}).cors_allowed_origins == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "app.example.com",
+        "https://app.example.com/",
+        "https://app.example.com/path",
+        "ftp://app.example.com",
+        "https://user@app.example.com",
+        "https://app.example.com:99999",
+        "null",
+        "*,https://app.example.com",
+    ],
+)
+def test_a_malformed_cors_origin_stops_start_up(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"CORS_ALLOWED_ORIGINS": value})
+    (line,) = caught.value.problems
+    assert line.startswith("CORS_ALLOWED_ORIGINS=")
