@@ -90,7 +90,13 @@ class CorsPolicy:
         errors included, says so and names the headers a script may read."""
         if not _is_proxied(request.path):
             return response
-        response.vary.add("Origin")
+        # A line of its own: the upstream's Vary lines stay exactly as they were sent.
+        if not any(
+            token.strip().lower() in ("origin", "*")
+            for value in response.headers.getlist("vary")
+            for token in value.split(",")
+        ):
+            response.headers.add("vary", "Origin")
         allowed = self.allow_origin(request.headers.get("Origin"))
         if allowed is not None:
             response.headers["access-control-allow-origin"] = allowed

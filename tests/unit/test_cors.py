@@ -25,6 +25,10 @@ def cors_app(stub: StubUpstream, **overrides: object) -> Flask:
     return fake_redis_app(**settings)
 
 
+def vary_names(values: list[str]) -> set[str]:
+    return {token.strip() for value in values for token in value.split(",")}
+
+
 def keyed(app: Flask) -> FlaskClient:
     with app.app_context():
         _, key = app.extensions["proxy_app.key_registry"].create(owner="t")
@@ -50,7 +54,7 @@ def test_a_preflight_is_answered_without_a_key_and_without_the_upstream(
     assert allowed[:2] == ["x-api-key", "content-type"]
     assert {"x-tenant", "accept", "if-none-match", "traceparent"} <= set(allowed)
     assert response.headers["access-control-max-age"] == "600"
-    assert "Origin" in response.headers["vary"]
+    assert "Origin" in vary_names(response.headers.getlist("vary"))
     assert "x-ratelimit-limit" not in response.headers
     assert not stub.received
 
@@ -114,7 +118,7 @@ def test_errors_for_an_allowed_origin_carry_the_cors_headers(
     response = client.get(path, headers={"Origin": APP_ORIGIN})
     assert response.status_code == status
     assert response.headers["access-control-allow-origin"] == APP_ORIGIN
-    assert "Origin" in response.headers["vary"]
+    assert "Origin" in vary_names(response.headers.getlist("vary"))
     exposed = response.headers["access-control-expose-headers"].split(", ")
     for name in ("x-ratelimit-remaining", "x-cache", "x-request-id", "retry-after", "age"):
         assert name in exposed
@@ -147,7 +151,7 @@ def test_a_cached_answer_carries_the_asking_origins_header_only(stub: StubUpstre
     assert "access-control-allow-origin" not in third.headers
     assert "access-control-allow-origin" not in fourth.headers
     for response in (first, second, third, fourth):
-        assert {"Accept", "Origin"} <= {v.strip() for v in response.headers["vary"].split(",")}
+        assert vary_names(response.headers.getlist("vary")) == {"Accept", "Origin"}
 
 
 def test_a_star_allows_every_origin_with_a_star(stub: StubUpstream) -> None:
