@@ -17,7 +17,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the WSGI app; settings come from the environment unless given."""
     # Imported here so that ``python -m proxy_app`` (the gunicorn master) stays light and the
     # gevent workers import the network libraries only after monkey-patching.
-    from proxy_app import pipeline, services
+    from proxy_app import cors, pipeline, services
     from proxy_app.access.check import AccessGate
     from proxy_app.access.keys import KeyRegistry
     from proxy_app.access.ratelimit import RateLimitPolicy
@@ -26,6 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
+    from proxy_app.forwarding import forwarded_request_headers
     from proxy_app.gateway_flask import GatewayFlask
     from proxy_app.logging import register_secrets
     from proxy_app.metrics import Metrics
@@ -61,6 +62,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[services.METRICS] = metrics
     app.extensions[services.REDIS] = redis
     app.extensions[services.UPSTREAM] = upstream
+    app.extensions[services.FORWARDED_HEADERS] = forwarded_request_headers(
+        settings.proxy_forward_request_headers
+    )
     app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
     app.extensions[services.KEY_REGISTRY] = KeyRegistry(redis.keys, settings.api_keys_redis_prefix)
     app.extensions[services.ACCESS_GATE] = AccessGate(
@@ -70,6 +74,17 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
 
     pipeline.init_app(app)
+    # After the request id (a preflight is logged like any request), before the key check.
+    cors.init_app(
+        app,
+        cors.CorsPolicy.build(
+            settings.cors_allowed_origins,
+            proxy.PROXIED_METHODS,
+            app.extensions[services.FORWARDED_HEADERS],
+        )
+        if settings.cors_allowed_origins
+        else None,
+    )
     register_error_handlers(app)
     app.register_blueprint(health.bp)
     app.register_blueprint(proxy.bp)

@@ -42,30 +42,47 @@ FORWARDED_REQUEST_HEADERS = frozenset(
     }
 )
 
-# Headers that describe the representation or its caching; hop-by-hop, cookies, server identity
-# and the upstream's own auth challenges or rate-limit counters are not the client's business.
-PASSED_RESPONSE_HEADERS = frozenset(
+# RFC 9110 section 7.6.1: they describe one connection, not the message; the upstream may name
+# more in its Connection header.
+HOP_BY_HOP_HEADERS = frozenset(
     {
-        "content-type",
-        "content-encoding",
-        "content-language",
-        "content-disposition",
-        "content-range",
-        "content-location",
-        "accept-ranges",
-        "cache-control",
-        "etag",
-        "last-modified",
-        "expires",
-        "vary",
-        "link",
-        "location",
-        "retry-after",
-        "allow",
-        "deprecation",
-        "sunset",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     }
 )
+
+# Upstream response headers a client never sees: framing (the server sets it for the bytes it
+# sends), cookies and server identity, the upstream's own auth challenges and rate-limit
+# counters (the client's key and limits are the gateway's), the names the gateway sets itself
+# (its own must not be duplicated or overridden), and headers about the upstream's origin
+# rather than the gateway's (alternative services).
+HIDDEN_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
+    {
+        "content-length",
+        "set-cookie",
+        "set-cookie2",
+        "server",
+        "x-powered-by",
+        "www-authenticate",
+        "proxy-authenticate",
+        "proxy-authentication-info",
+        "ratelimit",
+        "ratelimit-policy",
+        "x-cache",
+        "x-cache-key-hash",
+        "x-request-id",
+        "age",
+        "alt-svc",
+    }
+)
+# Whole families: the upstream's rate-limit counters, and its CORS answers (CORS is the
+# gateway's decision, made per request; an upstream's would leak or contradict it).
+HIDDEN_RESPONSE_HEADER_PREFIXES = ("x-ratelimit-", "ratelimit-", "access-control-")
 
 _SCHEME_PREFIX = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:[/\\]")
 _PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
@@ -171,12 +188,23 @@ def _query_problem(query: str) -> str | None:
     return None
 
 
-def forward_request_headers(headers: Iterable[tuple[str, str]], request_id: str) -> dict[str, str]:
-    """The allowlisted client headers, plus our request id; the upstream key is added later."""
+def forwarded_request_headers(added: Iterable[str]) -> frozenset[str]:
+    """The allowlist with the names an operator added (PROXY_FORWARD_REQUEST_HEADERS), built
+    once."""
+    return FORWARDED_REQUEST_HEADERS | frozenset(name.lower() for name in added)
+
+
+def forward_request_headers(
+    headers: Iterable[tuple[str, str]],
+    request_id: str,
+    allowed: frozenset[str] = FORWARDED_REQUEST_HEADERS,
+) -> dict[str, str]:
+    """The ``allowed`` client headers (from ``forwarded_request_headers``), plus our request
+    id; the upstream key is added later."""
     forwarded: dict[str, str] = {}
     for name, value in headers:
         lowered = name.lower()
-        if lowered in FORWARDED_REQUEST_HEADERS:
+        if lowered in allowed:
             forwarded[lowered] = f"{forwarded[lowered]}, {value}" if lowered in forwarded else value
     # Without this the upstream may compress for an encoding the client never asked for.
     forwarded.setdefault("accept-encoding", "identity")
@@ -184,14 +212,55 @@ def forward_request_headers(headers: Iterable[tuple[str, str]], request_id: str)
     return forwarded
 
 
+def body_type_allowed(mimetype: str, allowed: Iterable[str]) -> bool:
+    """Whether a request body's media type (lowercased, without parameters) is among the
+    ``allowed`` ranges: ``type/subtype``, ``type/*``, ``type/*+suffix`` or ``*/*``."""
+    kind, _, subtype = mimetype.partition("/")
+    for media_range in allowed:
+        range_kind, _, range_subtype = media_range.partition("/")
+        if range_kind == "*":
+            return True
+        if range_kind != kind or not subtype:
+            continue
+        if range_subtype in ("*", subtype):
+            return True
+        if range_subtype.startswith("*+") and subtype.endswith(range_subtype[1:]):
+            return True
+    return False
+
+
+def is_json_type(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
+
+
+def hidden_response_headers(operator_hidden: Iterable[str]) -> frozenset[str]:
+    """The response header names never passed on: the fixed ones and the operator's
+    (PROXY_HIDE_RESPONSE_HEADERS), built once."""
+    return HIDDEN_RESPONSE_HEADERS | frozenset(name.lower() for name in operator_hidden)
+
+
 def filter_response_headers(
-    headers: Iterable[tuple[str, str]], upstream_base_url: str
+    headers: Iterable[tuple[str, str]],
+    upstream_base_url: str,
+    hidden: frozenset[str] = HIDDEN_RESPONSE_HEADERS,
 ) -> list[tuple[str, str]]:
-    """The safe upstream response headers; Location into the upstream becomes a gateway path."""
+    """The upstream's end-to-end response headers, names lowercased, without the ``hidden``
+    ones (from ``hidden_response_headers``) and those its Connection header names; a Location
+    into the upstream becomes a gateway path."""
+    lowered_headers = [(name.lower(), value) for name, value in headers]
+    connection_named = {
+        token.strip().lower()
+        for name, value in lowered_headers
+        if name == "connection"
+        for token in value.split(",")
+    }
     passed = []
-    for name, value in headers:
-        lowered = name.lower()
-        if lowered not in PASSED_RESPONSE_HEADERS:
+    for lowered, value in lowered_headers:
+        if (
+            lowered in hidden
+            or lowered in connection_named
+            or lowered.startswith(HIDDEN_RESPONSE_HEADER_PREFIXES)
+        ):
             continue
         if lowered in ("location", "content-location"):
             value = gateway_location(value, upstream_base_url)

@@ -22,6 +22,7 @@ METRICS = "proxy_app.metrics"
 PROXY_CACHE = "proxy_app.proxy_cache"
 ACCESS_GATE = "proxy_app.access_gate"
 KEY_REGISTRY = "proxy_app.key_registry"
+FORWARDED_HEADERS = "proxy_app.forwarded_headers"
 
 
 def settings() -> Settings:
@@ -50,3 +51,8 @@ def access_gate() -> AccessGate:
 
 def key_registry() -> KeyRegistry:
     return cast("KeyRegistry", current_app.extensions[KEY_REGISTRY])
+
+
+def forwarded_headers() -> frozenset[str]:
+    """The request header names sent upstream: the allowlist and PROXY_FORWARD_REQUEST_HEADERS."""
+    return cast("frozenset[str]", current_app.extensions[FORWARDED_HEADERS])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -16,6 +17,28 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, val
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+DEFAULT_BODY_TYPES = ("application/json", "application/*+json")
+# Request headers an operator may not add to the forwarded ones: credentials (the client's and
+# the gateway's), the client's routing and connection, and framing the HTTP client sets itself.
+UNFORWARDABLE_REQUEST_HEADERS = frozenset(
+    {
+        "x-api-key",
+        "api_key",
+        "cookie",
+        "authorization",
+        "proxy-authorization",
+        "host",
+        "forwarded",
+        "content-length",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
 
 
 class SettingsError(Exception):
@@ -43,6 +66,10 @@ class Settings:
     upstream_api_key: str = dataclasses.field(default="", repr=False)
     proxy_body_limit_bytes: int = 1_048_576
     proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
+    proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
+    proxy_forward_request_headers: tuple[str, ...] = ()  # lowercased names
+    proxy_body_types: tuple[str, ...] = DEFAULT_BODY_TYPES  # lowercased media ranges
+    cors_allowed_origins: tuple[str, ...] = ()  # lowercased origins, or ("*",); empty: no CORS
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -111,8 +138,67 @@ def _path_prefixes(value: str) -> None:
             raise ValidationError(f"prefix {prefix!r} does not start with '/'")
 
 
+# RFC 9110 section 5.1: a field name is a token.
+_FIELD_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _header_names(value: str) -> None:
+    for name in _split_csv(value):
+        if not _FIELD_NAME.match(name):
+            raise ValidationError(f"{name!r} is not a header name")
+
+
+def _forwardable_header_names(value: str) -> None:
+    _header_names(value)
+    for name in _split_csv(value):
+        lowered = name.lower()
+        if lowered in UNFORWARDABLE_REQUEST_HEADERS or lowered.startswith("x-forwarded-"):
+            raise ValidationError(f"{name!r} must never be forwarded")
+
+
+_MEDIA_NAME = r"[a-z0-9!#$&^_.+-]+"
+_MEDIA_RANGE = re.compile(
+    rf"^(\*/\*|{_MEDIA_NAME}/(\*|\*\+{_MEDIA_NAME}|{_MEDIA_NAME}))$", re.IGNORECASE
+)
+
+
+def _media_ranges(value: str) -> None:
+    ranges = _split_csv(value)
+    if not ranges:
+        raise ValidationError("names no media type")
+    for media_range in ranges:
+        if not _MEDIA_RANGE.match(media_range):
+            raise ValidationError(f"{media_range!r} is not a media type")
+
+
+def _origins(value: str) -> None:
+    origins = _split_csv(value)
+    if "*" in origins:
+        if len(origins) > 1:
+            raise ValidationError("'*' allows every origin and stands alone")
+        return
+    for origin in origins:
+        parts = urlsplit(origin)
+        try:
+            parts.port  # noqa: B018 - urlsplit validates the port lazily
+        except ValueError:
+            raise ValidationError(f"{origin!r} has an invalid port") from None
+        if (
+            parts.scheme.lower() not in ("http", "https")
+            or not parts.hostname
+            or parts.username is not None
+            or origin.rstrip("/") != f"{parts.scheme}://{parts.netloc}"
+            or origin.endswith("/")
+        ):
+            raise ValidationError(f"{origin!r} is not an origin (scheme://host[:port])")
+
+
 def _split_csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _lowered_names(value: str) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(name.lower() for name in _split_csv(value)))
 
 
 def strip_gateway_prefix(path: str) -> str:
@@ -186,6 +272,27 @@ class _SettingsSchema(Schema):
         1024,
         1024**4,
     )
+    proxy_hide_response_headers = _str(
+        "PROXY_HIDE_RESPONSE_HEADERS",
+        "comma-separated header names such as x-internal-trace,x-backend",
+        _header_names,
+    )
+    proxy_forward_request_headers = _str(
+        "PROXY_FORWARD_REQUEST_HEADERS",
+        "comma-separated header names such as idempotency-key,prefer,x-tenant "
+        "(never credentials, host, forwarded, content-length or hop-by-hop headers)",
+        _forwardable_header_names,
+    )
+    proxy_body_types = _str(
+        "PROXY_BODY_TYPES",
+        "comma-separated media types such as application/json,application/*+json,text/*",
+        _media_ranges,
+    )
+    cors_allowed_origins = _str(
+        "CORS_ALLOWED_ORIGINS",
+        "comma-separated origins such as https://app.example.com,http://localhost:5173, or *",
+        _origins,
+    )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
     cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
@@ -229,6 +336,13 @@ class _SettingsSchema(Schema):
             data["cache_bypass_paths"] = tuple(
                 strip_gateway_prefix(p) for p in _split_csv(data["cache_bypass_paths"])
             )
+        if "proxy_hide_response_headers" in data:
+            data["proxy_hide_response_headers"] = _lowered_names(
+                data["proxy_hide_response_headers"]
+            )
+        for name in ("proxy_forward_request_headers", "proxy_body_types", "cors_allowed_origins"):
+            if name in data:
+                data[name] = _lowered_names(data[name])
         if "api_keys_redis_url" not in data and "cache_redis_url" in data:
             data["api_keys_redis_url"] = data["cache_redis_url"]
         if data.get("upstream_base_url"):
@@ -239,7 +353,7 @@ class _SettingsSchema(Schema):
 
 
 _EMPTY_MEANS_UNSET = frozenset(
-    {"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA", "DEPLOY_ID"}
+    {"HTTP_CLIENT_BASE_URL", "API_KEYS_REDIS_URL", "GIT_SHA", "DEPLOY_ID", "PROXY_BODY_TYPES"}
 )
 _SCHEMA = _SettingsSchema()
 _FIELDS_BY_ENV = {str(field.data_key): field for field in _SCHEMA.fields.values()}

@@ -192,6 +192,12 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HTTP_CLIENT_TIMEOUT", default="10000", validate=_int_range(1)),
     Variable("HTTP_CLIENT_RETRIES", default="2", validate=_int_range(0, 10)),
     Variable("PROXY_BODY_LIMIT", default="1048576", validate=_int_range(1)),
+    Variable(
+        "PROXY_BODY_TYPES", default="application/json,application/*+json", validate=_no_backtick
+    ),
+    Variable("PROXY_FORWARD_REQUEST_HEADERS", default="", validate=_no_backtick),
+    Variable("PROXY_HIDE_RESPONSE_HEADERS", default="", validate=_no_backtick),
+    Variable("CORS_ALLOWED_ORIGINS", default="", validate=_no_backtick),
     Variable("CACHE_TTL_DEFAULT", default="300", validate=_int_range(0)),
     Variable("CACHE_STALE_TTL", default="60", validate=_int_range(0)),
     Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false", validate=_BOOL),

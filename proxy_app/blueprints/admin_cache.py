@@ -13,7 +13,7 @@ from proxy_app.admin_auth import require_admin_token
 from proxy_app.audit import audit
 from proxy_app.cache import policy
 from proxy_app.errors import ServiceUnavailable
-from proxy_app.forwarding import forward_request_headers
+from proxy_app.forwarding import forward_request_headers, forwarded_request_headers
 from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response
 from proxy_app.settings import strip_gateway_prefix
@@ -67,8 +67,12 @@ def invalidate() -> Response:
             path, _, query = strip_gateway_prefix(body["path"]).partition("?")
             # The same headers the proxy keys on, defaults included (no accept-encoding sent
             # means identity).
-            headers = forward_request_headers((body["headers"] or {}).items(), request_id="")
-            key = policy.cache_key(path, query, headers)
+            settings = services.settings()
+            added = settings.proxy_forward_request_headers
+            headers = forward_request_headers(
+                (body["headers"] or {}).items(), "", forwarded_request_headers(added)
+            )
+            key = policy.cache_key(path, query, headers, added)
             matched = int(store.exists(key))
             deleted = 0 if dry_run or not matched else int(store.delete(key))
         else:

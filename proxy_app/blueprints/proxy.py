@@ -21,7 +21,12 @@ from proxy_app.errors import (
     ServiceUnavailable,
     UnsupportedMediaType,
 )
-from proxy_app.forwarding import forward_request_headers, judge_target
+from proxy_app.forwarding import (
+    body_type_allowed,
+    forward_request_headers,
+    is_json_type,
+    judge_target,
+)
 from proxy_app.http_connection import ResponseAborted
 from proxy_app.logging import reset_request_id, set_request_id
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
@@ -57,7 +62,7 @@ def plan_request() -> None:
     round trip for both, when keys and cache share a Redis)."""
     judged = judge_target(_raw_uri())
     client_headers = list(request.headers.items())
-    forwarded = forward_request_headers(client_headers, g.request_id)
+    forwarded = forward_request_headers(client_headers, g.request_id, services.forwarded_headers())
     refusal = None
     if judged.refusal is not None:
         refusal = BadRequest(judged.refusal, code="invalid_path")
@@ -94,7 +99,7 @@ def proxy(path: str) -> Response:
         raise planned.refusal or BadRequest("The path was refused.", code="invalid_path")
     target, raw_query, headers = planned.target, planned.query, planned.forwarded
     method = request.method
-    body = _json_body(method)
+    body = _request_body(method)
     cache = services.proxy_cache()
     with _upstream_errors_as_responses():
         if method in ("GET", "HEAD"):
@@ -201,30 +206,36 @@ def _raw_uri() -> str:
     return request.script_root + request.path + (f"?{query}" if query else "")
 
 
-def _json_body(method: str) -> bytes | None:
-    """The request body when there is one: JSON only, within PROXY_BODY_LIMIT, bytes unchanged."""
+def _request_body(method: str) -> bytes | None:
+    """The request body when there is one: of a type in PROXY_BODY_TYPES (JSON ones must parse),
+    within PROXY_BODY_LIMIT, bytes unchanged."""
     if method not in _BODY_METHODS:
         return None
     length = request.content_length
     chunked = "chunked" in request.headers.get("transfer-encoding", "").lower()
     if not length and not chunked:
         return None
-    limit = services.settings().proxy_body_limit_bytes
+    settings = services.settings()
+    limit = settings.proxy_body_limit_bytes
     if length is not None and length > limit:
         raise PayloadTooLarge(
             f"The request body is {length} bytes; the limit is {limit}.", limit=limit
         )
     mimetype = request.mimetype
-    if mimetype != "application/json" and not mimetype.endswith("+json"):
+    allowed = settings.proxy_body_types
+    if not body_type_allowed(mimetype, allowed):
         raise UnsupportedMediaType(
-            "Request bodies must be JSON (content-type: application/json).",
+            f"Request bodies must be of these types: {', '.join(allowed)}.",
             content_type=mimetype or None,
+            allowed=list(allowed),
         )
     data = request.get_data(cache=False)  # reads at most limit + 1 bytes (MAX_CONTENT_LENGTH)
     if len(data) > limit:
         raise PayloadTooLarge(f"The request body exceeds the limit of {limit} bytes.", limit=limit)
     if not data:
         return None
+    if not is_json_type(mimetype):
+        return data
     try:
         orjson.loads(data)
     except orjson.JSONDecodeError as exc:

@@ -15,7 +15,7 @@ import orjson
 
 from proxy_app.cache import policy
 from proxy_app.cache.store import CacheService, Load, LoadFailed, Outcome, Prefetched, Stored
-from proxy_app.forwarding import filter_response_headers
+from proxy_app.forwarding import filter_response_headers, hidden_response_headers
 from proxy_app.redis import RedisUnavailable
 from proxy_app.settings import Settings
 from proxy_app.upstream import UpstreamClient, UpstreamError, UpstreamResponse
@@ -107,6 +107,12 @@ class ProxyCache:
         self.upstream = upstream
         self.settings = settings
         self._base_url = settings.upstream_base_url or ""
+        self._hidden = hidden_response_headers(settings.proxy_hide_response_headers)
+        # Entries stored before the operator hid more names still carry them: dropped on the
+        # way out, a step taken only when there are such names.
+        self._operator_hidden = frozenset(
+            name.lower() for name in settings.proxy_hide_response_headers
+        )
 
     def lookup_key(
         self,
@@ -120,7 +126,7 @@ class ProxyCache:
             path, client_header_names, self.settings.cache_bypass_paths
         ):
             return None
-        return policy.cache_key(path, query, forwarded)
+        return policy.cache_key(path, query, forwarded, self.settings.proxy_forward_request_headers)
 
     def fetch(
         self,
@@ -179,7 +185,8 @@ class ProxyCache:
         cached = result.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED)
         age = entry.age_s(time.time()) if cached else None
         upstream = answered[0] if answered else None
-        served = Served(entry.status, entry.headers, entry.body, result.outcome, age, key, upstream)
+        headers = self._stored_headers(entry)
+        served = Served(entry.status, headers, entry.body, result.outcome, age, key, upstream)
         return _conditional(served, forwarded)
 
     def forward_write(
@@ -271,7 +278,7 @@ class ProxyCache:
         }
         entry = HttpEntry(
             status=response.status,
-            headers=tuple(filter_response_headers(response.headers, self._base_url)),
+            headers=tuple(filter_response_headers(response.headers, self._base_url, self._hidden)),
             body=response.body,
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,
@@ -299,7 +306,7 @@ class ProxyCache:
         )
         entry = dataclasses.replace(
             stale,
-            headers=tuple(filter_response_headers(raw, self._base_url)),
+            headers=tuple(filter_response_headers(raw, self._base_url, self._hidden)),
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,
         )
@@ -328,8 +335,14 @@ class ProxyCache:
             entry = HttpEntry.read(stored.value)
             if entry is not None and entry.matches(forwarded):
                 age = entry.age_s(time.time())
-                return Served(entry.status, entry.headers, entry.body, Outcome.HIT, age, key)
+                headers = self._stored_headers(entry)
+                return Served(entry.status, headers, entry.body, Outcome.HIT, age, key)
         return self._pass_through("HEAD", path, query, forwarded, key)
+
+    def _stored_headers(self, entry: HttpEntry) -> Sequence[tuple[str, str]]:
+        if not self._operator_hidden:
+            return entry.headers
+        return [(name, value) for name, value in entry.headers if name not in self._operator_hidden]
 
     def _pass_through(
         self,
@@ -345,7 +358,7 @@ class ProxyCache:
     def _served_upstream(
         self, response: UpstreamResponse, outcome: Outcome, key: str | None
     ) -> Served:
-        headers = filter_response_headers(response.headers, self._base_url)
+        headers = filter_response_headers(response.headers, self._base_url, self._hidden)
         if response.complete:
             return Served(response.status, headers, response.body, outcome, None, key, response)
         return Served(response.status, headers, b"", outcome, None, key, response, response)

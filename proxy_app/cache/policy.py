@@ -103,24 +103,41 @@ def request_target(path: str, query: str) -> str:
     return f"{path}?{query}" if query else path
 
 
-def variant_id(headers: Mapping[str, str]) -> str:
-    return _variant_id(tuple(headers.get(name) for name in VARIANT_HEADERS))
+def variant_id(headers: Mapping[str, str], added: tuple[str, ...] = ()) -> str:
+    """The variant a request selects: its representation headers, and the request headers an
+    operator added to the forwarded ones (``added``), which may select anything (a tenant) and
+    are therefore always part of the key, whatever the upstream's Vary says."""
+    return _variant_id(
+        tuple(headers.get(name) for name in VARIANT_HEADERS),
+        added,
+        tuple(headers.get(name) for name in added),
+    )
 
 
 @functools.lru_cache(maxsize=4096)
-def _variant_id(values: tuple[str | None, ...]) -> str:
+def _variant_id(
+    values: tuple[str | None, ...], added: tuple[str, ...], added_values: tuple[str | None, ...]
+) -> str:
     # Clients send few distinct combinations: hash each once per worker, not once per request.
     material = "\n".join(
         f"{name}:{normalize_variant_value(name, value)}"
         for name, value in zip(VARIANT_HEADERS, values, strict=True)
     )
+    # Added headers are compared exactly (tenant "A" is not tenant "a"), and a missing header
+    # is not an empty one.
+    for name, value in zip(added, added_values, strict=True):
+        material += f"\n+{name}" + ("!" if value is None else f"={value.strip()}")
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
-def cache_key(path: str, query: str, headers: Mapping[str, str]) -> str:
+def cache_key(
+    path: str, query: str, headers: Mapping[str, str], added: tuple[str, ...] = ()
+) -> str:
     """``proxy:GET:<path>?<query>#<variant>``: readable up to the variant, so that operators can
-    invalidate by path or prefix with SCAN; the variant hashes the representation headers."""
-    return f"{KEY_PREFIX}{request_target(path, query)}{VARIANT_SEPARATOR}{variant_id(headers)}"
+    invalidate by path or prefix with SCAN; the variant hashes the representation headers and
+    the ``added`` forwarded ones."""
+    variant = variant_id(headers, added)
+    return f"{KEY_PREFIX}{request_target(path, query)}{VARIANT_SEPARATOR}{variant}"
 
 
 def index_key(target: str) -> str:

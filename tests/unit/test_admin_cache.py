@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 from proxy_app.cache import policy
 from proxy_app.forwarding import forward_request_headers
 from proxy_app.redis import RedisUnavailable
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, fake_redis_app
 
 # Keys as the proxy makes them: from the headers it forwards (accept-encoding defaults included).
 JSON = forward_request_headers([("Accept", "application/json")], request_id="r")
@@ -140,3 +140,19 @@ def test_redis_unavailable_gives_503(
     monkeypatch.setattr(app.extensions["proxy_app.redis"].cache, "call", down)
     response = admin.post("/internal/cache/invalidate", json={"scope": "all"})
     assert (response.status_code, response.get_json()["error"]) == (503, "cache_unavailable")
+
+
+def test_exact_strict_selects_the_variant_by_added_forwarded_headers_too() -> None:
+    app = fake_redis_app(proxy_forward_request_headers=("x-tenant",))
+    client: fakeredis.FakeRedis = app.extensions["proxy_app.redis"].cache.client
+    allowed = app.extensions["proxy_app.forwarded_headers"]
+    for tenant in ("a", "b"):
+        headers = forward_request_headers([("X-Tenant", tenant)], "r", allowed)
+        client.set(policy.cache_key("/orders", "", headers, ("x-tenant",)), b"entry")
+    admin = app.test_client()
+    admin.environ_base["HTTP_AUTHORIZATION"] = f"Bearer {ADMIN_TOKEN}"
+    answer = invalidate(
+        admin, scope="exact", path="/orders", strict=True, headers={"X-Tenant": "a"}
+    )
+    assert (answer["matched"], answer["deleted"]) == (1, 1)
+    assert remaining(client) == 1

@@ -239,3 +239,16 @@ def test_absurd_dates_are_ignored_not_crashing() -> None:
     assert policy.http_date(huge) is None
     assert not policy.not_modified({"if-modified-since": huge}, [("last-modified", date())])
     assert fresh([("expires", huge), ("date", huge)]).lifetime_s == 0
+
+
+def test_added_forwarded_headers_always_select_the_variant_exactly() -> None:
+    added = ("x-tenant",)
+    acme = policy.cache_key("/t", "", {"x-tenant": "acme"}, added)
+    acme_upper = policy.cache_key("/t", "", {"x-tenant": "ACME"}, added)
+    other = policy.cache_key("/t", "", {"x-tenant": "other"}, added)
+    empty = policy.cache_key("/t", "", {"x-tenant": ""}, added)
+    missing = policy.cache_key("/t", "", {}, added)
+    assert len({acme, acme_upper, other, empty, missing}) == 5
+    assert acme == policy.cache_key("/t", "", {"x-tenant": " acme "}, added)
+    # Without added names the key is what it always was.
+    assert policy.cache_key("/t", "", {"x-tenant": "acme"}) == policy.cache_key("/t", "", {})

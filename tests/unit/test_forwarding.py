@@ -4,9 +4,12 @@ import pytest
 
 from proxy_app.errors import BadRequest
 from proxy_app.forwarding import (
+    body_type_allowed,
     filter_response_headers,
     forward_request_headers,
+    forwarded_request_headers,
     gateway_location,
+    hidden_response_headers,
     judge_target,
     path_problem,
     split_raw_uri,
@@ -150,7 +153,7 @@ def test_client_accept_encoding_is_forwarded_when_given() -> None:
     assert forwarded["accept-encoding"] == "gzip"
 
 
-def test_only_safe_response_headers_come_back() -> None:
+def test_hop_by_hop_secret_and_upstream_control_headers_are_dropped() -> None:
     upstream = [
         ("Content-Type", "application/json"),
         ("Content-Encoding", "gzip"),
@@ -166,6 +169,17 @@ def test_only_safe_response_headers_come_back() -> None:
         ("WWW-Authenticate", "ApiKey"),
         ("X-RateLimit-Remaining", "5"),
         ("Content-Length", "10"),
+        ("RateLimit", "limit=10"),
+        ("RateLimit-Policy", "10;w=60"),
+        ("Proxy-Authenticate", "Basic"),
+        ("Upgrade", "h2c"),
+        ("TE", "trailers"),
+        ("Trailer", "Expires"),
+        ("Proxy-Connection", "keep-alive"),
+        ("X-Cache", "HIT from upstream"),
+        ("X-Request-Id", "upstream-id"),
+        ("Age", "30"),
+        ("Access-Control-Allow-Origin", "*"),
     ]
     passed = filter_response_headers(upstream, "https://up.example/v4")
     assert passed == [
@@ -210,3 +224,62 @@ def test_judge_target_gives_the_same_answer_every_time(padding: int) -> None:
         assert refused.refusal == "The path was refused: dot segments."
         outside = judge_target(f"/elsewhere/{pad}")
         assert outside.refusal == "The path is not under /api/v1."
+
+
+def test_custom_end_to_end_response_headers_pass() -> None:
+    upstream = [
+        ("X-Total-Count", "42"),
+        ("X-Next-Page", "3"),
+        ("Server-Timing", "db;dur=53"),
+        ("Content-MD5", "Q2hlY2sgSW50ZWdyaXR5IQ=="),
+        ("X-Anything", "value"),
+    ]
+    passed = filter_response_headers(upstream, "https://up.example/v4")
+    assert passed == [(name.lower(), value) for name, value in upstream]
+
+
+def test_headers_named_in_connection_are_dropped() -> None:
+    upstream = [
+        ("Connection", "X-Hop-One, x-hop-two"),
+        ("X-Hop-One", "1"),
+        ("X-Hop-Two", "2"),
+        ("X-Kept", "3"),
+    ]
+    assert filter_response_headers(upstream, "https://up.example/v4") == [("x-kept", "3")]
+
+
+def test_operator_hidden_response_headers_are_dropped_whatever_their_case() -> None:
+    hidden = hidden_response_headers(["x-internal-trace", "x-backend"])
+    upstream = [("X-Internal-Trace", "t"), ("X-BACKEND", "b1"), ("X-Total-Count", "1")]
+    passed = filter_response_headers(upstream, "https://up.example/v4", hidden)
+    assert passed == [("x-total-count", "1")]
+
+
+def test_added_request_headers_are_forwarded_besides_the_allowlist() -> None:
+    allowed = forwarded_request_headers(["Idempotency-Key", "x-tenant"])
+    incoming = [("Idempotency-Key", "k-1"), ("X-Tenant", "acme"), ("Cookie", "s=1")]
+    forwarded = forward_request_headers(incoming, "r", allowed)
+    assert forwarded["idempotency-key"] == "k-1"
+    assert forwarded["x-tenant"] == "acme"
+    assert "cookie" not in forwarded
+    assert "x-tenant" not in forward_request_headers(incoming, "r")
+
+
+@pytest.mark.parametrize(
+    ("mimetype", "allowed", "expected"),
+    [
+        ("application/json", ("application/json",), True),
+        ("application/merge-patch+json", ("application/*+json",), True),
+        ("application/json", ("application/*+json",), False),
+        ("text/csv", ("text/*",), True),
+        ("application/csv", ("text/*",), False),
+        ("application/octet-stream", ("*/*",), True),
+        ("", ("*/*",), True),
+        ("", ("application/json", "text/*"), False),
+        ("text/plain", ("application/json",), False),
+    ],
+)
+def test_body_types_match_exact_wildcard_and_suffix_ranges(
+    mimetype: str, allowed: tuple[str, ...], expected: bool
+) -> None:
+    assert body_type_allowed(mimetype, allowed) is expected

@@ -401,3 +401,137 @@ def test_an_error_body_too_long_to_share_is_streamed_to_its_own_client(
     assert (response.status_code, response.headers["x-cache"]) == (500, "BYPASS")
     assert digest(response.iter_encoded()) == generated_digest(size)
     response.close()
+
+
+def test_custom_upstream_headers_reach_the_client_on_miss_and_hit(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/listing",
+        Reply(
+            headers=(
+                ("Content-Type", "application/json"),
+                ("Cache-Control", "max-age=60"),
+                ("X-Total-Count", "42"),
+                ("Server-Timing", "db;dur=5"),
+                ("Server", "upstream/1.0"),
+            )
+        ),
+    )
+    first = client.get("/api/v1/listing")
+    second = client.get("/api/v1/listing")
+    assert (first.headers["x-cache"], second.headers["x-cache"]) == ("MISS", "HIT")
+    for response in (first, second):
+        assert response.headers["x-total-count"] == "42"
+        assert response.headers["server-timing"] == "db;dur=5"
+        assert "server" not in response.headers
+    assert len(upstream.calls("/v4/listing")) == 1
+
+
+def test_upstream_copies_of_the_gateways_own_headers_never_override_them(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    upstream.reply(
+        "/v4/own",
+        Reply(
+            headers=(
+                ("Content-Type", "application/json"),
+                ("X-Cache", "HIT"),
+                ("X-Request-Id", "from-upstream"),
+                ("X-RateLimit-Remaining", "999"),
+                ("Age", "1000"),
+                ("Cache-Control", "no-store"),
+            )
+        ),
+    )
+    response = client.get("/api/v1/own", headers={"X-Request-Id": "mine-1"})
+    assert response.headers.getlist("x-cache") == ["BYPASS"]
+    assert response.headers.getlist("x-request-id") == ["mine-1"]
+    assert len(response.headers.getlist("x-ratelimit-remaining")) == 1
+    assert response.headers["x-ratelimit-remaining"] != "999"
+    assert "age" not in response.headers
+
+
+def test_operator_hidden_response_headers_never_reach_the_client(upstream: StubUpstream) -> None:
+    app = fake_redis_app(
+        upstream_base_url=f"{upstream.url}/v4",
+        proxy_hide_response_headers=("x-backend",),
+    )
+    client = keyed_client(app)
+    upstream.reply(
+        "/v4/hidden",
+        Reply(headers=(("Content-Type", "application/json"), ("X-Backend", "db-7"))),
+    )
+    response = client.get("/api/v1/hidden")
+    assert response.status_code == 200
+    assert "x-backend" not in response.headers
+
+
+def test_added_request_headers_go_upstream_and_keep_tenants_apart_in_the_cache(
+    upstream: StubUpstream,
+) -> None:
+    app = fake_redis_app(
+        upstream_base_url=f"{upstream.url}/v4",
+        proxy_forward_request_headers=("x-tenant", "idempotency-key"),
+    )
+    client = keyed_client(app)
+    # No Vary from the upstream: the gateway keys on the tenant all the same.
+    upstream.reply(
+        "/v4/orders",
+        Reply(body=b'{"tenant": "a"}', headers=(("Cache-Control", "max-age=60"),)),
+        Reply(body=b'{"tenant": "b"}', headers=(("Cache-Control", "max-age=60"),)),
+    )
+    first_a = client.get("/api/v1/orders", headers={"X-Tenant": "a"})
+    first_b = client.get("/api/v1/orders", headers={"X-Tenant": "b"})
+    again_a = client.get("/api/v1/orders", headers={"X-Tenant": "a"})
+    again_b = client.get("/api/v1/orders", headers={"X-Tenant": "b"})
+    assert [r.data for r in (first_a, first_b, again_a, again_b)] == [
+        b'{"tenant": "a"}',
+        b'{"tenant": "b"}',
+        b'{"tenant": "a"}',
+        b'{"tenant": "b"}',
+    ]
+    assert [r.headers["x-cache"] for r in (first_a, first_b, again_a, again_b)] == [
+        "MISS",
+        "MISS",
+        "HIT",
+        "HIT",
+    ]
+    calls = upstream.calls("/v4/orders")
+    assert [call.header("x-tenant") for call in calls] == ["a", "b"]
+    upstream.reply("/v4/payments", Reply(status=201))
+    client.post("/api/v1/payments", json={}, headers={"Idempotency-Key": "k-1"})
+    assert sent_request(upstream).header("idempotency-key") == "k-1"
+
+
+def test_allowed_non_json_bodies_pass_byte_for_byte(upstream: StubUpstream) -> None:
+    app = fake_redis_app(
+        upstream_base_url=f"{upstream.url}/v4",
+        proxy_body_types=("application/json", "text/*", "application/octet-stream"),
+    )
+    client = keyed_client(app)
+    upstream.reply("/v4/upload", Reply(status=201))
+    body = b"\x00\xffnot json at all\r\n"
+    response = client.put(
+        "/api/v1/upload", data=body, headers={"content-type": "application/octet-stream"}
+    )
+    assert response.status_code == 201
+    assert sent_request(upstream).body == body
+    assert sent_request(upstream).header("content-type") == "application/octet-stream"
+    csv = client.post("/api/v1/upload", data=b"a,b\n1,2\n", content_type="text/csv")
+    assert csv.status_code == 201
+    invalid_json = client.post("/api/v1/upload", data=b"{", content_type="application/json")
+    assert invalid_json.status_code == 400
+    assert invalid_json.json is not None
+    assert invalid_json.json["error"] == "invalid_json"
+
+
+def test_a_refused_body_type_gets_415_naming_the_allowed_types(
+    client: FlaskClient, upstream: StubUpstream
+) -> None:
+    response = client.post("/api/v1/things", data=b"x", content_type="text/plain")
+    assert response.status_code == 415
+    assert response.json is not None
+    assert response.json["allowed"] == ["application/json", "application/*+json"]
+    assert "application/json" in response.json["message"]
+    assert not upstream.received

@@ -216,3 +216,94 @@ def test_every_setting_is_documented_in_the_env_example() -> None:
     documented = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
     assert set(ENV_NAMES) - documented == set()
     assert {"ADMIN_API_TOKEN_FILE", "HTTP_CLIENT_API_KEY_FILE"} <= documented
+
+
+def test_hidden_response_headers_are_lowercased_names() -> None:
+    settings = load_settings({"PROXY_HIDE_RESPONSE_HEADERS": " X-Backend, x-internal ,X-BACKEND"})
+    assert settings.proxy_hide_response_headers == ("x-backend", "x-internal")
+    assert load_settings({}).proxy_hide_response_headers == ()
+
+
+def test_a_hidden_response_header_that_is_no_header_name_stops_start_up() -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PROXY_HIDE_RESPONSE_HEADERS": "x-ok,bad name"})
+    (line,) = caught.value.problems
+    assert line.startswith("PROXY_HIDE_RESPONSE_HEADERS=")
+    assert "'bad name' is not a header name" in line
+
+
+def test_added_request_headers_and_body_types_are_parsed_lowercased() -> None:
+    settings = load_settings(
+        {
+            "PROXY_FORWARD_REQUEST_HEADERS": "Idempotency-Key, prefer,X-Tenant",
+            "PROXY_BODY_TYPES": "application/json, Text/*,application/*+xml,*/*",
+        }
+    )
+    assert settings.proxy_forward_request_headers == ("idempotency-key", "prefer", "x-tenant")
+    assert settings.proxy_body_types == ("application/json", "text/*", "application/*+xml", "*/*")
+    defaults = load_settings({"PROXY_BODY_TYPES": ""})
+    assert defaults.proxy_forward_request_headers == ()
+    assert defaults.proxy_body_types == ("application/json", "application/*+json")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x-api-key",
+        "api_key",
+        "Cookie",
+        "authorization",
+        "host",
+        "forwarded",
+        "X-Forwarded-For",
+        "x-forwarded-proto",
+        "content-length",
+        "connection",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+    ],
+)
+def test_a_secret_routing_or_hop_by_hop_request_header_cannot_be_forwarded(name: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PROXY_FORWARD_REQUEST_HEADERS": f"x-tenant,{name}"})
+    (line,) = caught.value.problems
+    assert line.startswith("PROXY_FORWARD_REQUEST_HEADERS=")
+    assert f"{name!r} must never be forwarded" in line
+
+
+@pytest.mark.parametrize("value", ["json", "application/", "text/plain;q=1", "*/json", " , "])
+def test_a_body_type_that_is_no_media_type_stops_start_up(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"PROXY_BODY_TYPES": value})
+    (line,) = caught.value.problems
+    assert line.startswith("PROXY_BODY_TYPES=")
+
+
+def test_cors_origins_are_parsed_and_empty_means_no_cors() -> None:
+    settings = load_settings(
+        {"CORS_ALLOWED_ORIGINS": "https://App.example.com, http://localhost:5173"}
+    )
+    assert settings.cors_allowed_origins == ("https://app.example.com", "http://localhost:5173")
+    assert load_settings({"CORS_ALLOWED_ORIGINS": "*"}).cors_allowed_origins == ("*",)
+    assert load_settings({}).cors_allowed_origins == ()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "app.example.com",
+        "https://app.example.com/",
+        "https://app.example.com/path",
+        "ftp://app.example.com",
+        "https://user@app.example.com",
+        "https://app.example.com:99999",
+        "null",
+        "*,https://app.example.com",
+    ],
+)
+def test_a_malformed_cors_origin_stops_start_up(value: str) -> None:
+    with pytest.raises(SettingsError) as caught:
+        load_settings({"CORS_ALLOWED_ORIGINS": value})
+    (line,) = caught.value.problems
+    assert line.startswith("CORS_ALLOWED_ORIGINS=")
