@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from proxy_app.errors import BadRequest
@@ -192,6 +193,31 @@ def forwarded_request_headers(added: Iterable[str]) -> frozenset[str]:
     """The allowlist with the names an operator added (PROXY_FORWARD_REQUEST_HEADERS), built
     once."""
     return FORWARDED_REQUEST_HEADERS | frozenset(name.lower() for name in added)
+
+
+# Lower-cased header names by WSGI environ key: clients repeat the same few (bounded: names are
+# the client's choice).
+_HEADER_NAMES: dict[str, str] = {}
+_HEADER_NAMES_MOST = 512
+_CONTENT_KEYS = {"CONTENT_TYPE": "content-type", "CONTENT_LENGTH": "content-length"}
+
+
+def client_header_items(environ: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every request header as (lower-cased name, value), read straight off the WSGI environ:
+    what ``request.headers`` would list, without building its title-cased names."""
+    items = []
+    names = _HEADER_NAMES
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = names.get(key)
+            if name is None:
+                name = key[5:].lower().replace("_", "-")
+                if len(names) < _HEADER_NAMES_MOST:
+                    names[key] = name
+            items.append((name, value))
+        elif key in _CONTENT_KEYS and value:
+            items.append((_CONTENT_KEYS[key], value))
+    return items
 
 
 def forward_request_headers(

@@ -23,6 +23,7 @@ from proxy_app.errors import (
 )
 from proxy_app.forwarding import (
     body_type_allowed,
+    client_header_items,
     forward_request_headers,
     is_json_type,
     judge_target,
@@ -61,7 +62,7 @@ def plan_request() -> None:
     be answered from the cache, name the entry so the key check can read it along (one Redis
     round trip for both, when keys and cache share a Redis)."""
     judged = judge_target(_raw_uri())
-    client_headers = list(request.headers.items())
+    client_headers = client_header_items(request.environ)
     forwarded = forward_request_headers(client_headers, g.request_id, services.forwarded_headers())
     refusal = None
     if judged.refusal is not None:

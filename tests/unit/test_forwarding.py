@@ -5,6 +5,7 @@ import pytest
 from proxy_app.errors import BadRequest
 from proxy_app.forwarding import (
     body_type_allowed,
+    client_header_items,
     filter_response_headers,
     forward_request_headers,
     forwarded_request_headers,
@@ -283,3 +284,19 @@ def test_body_types_match_exact_wildcard_and_suffix_ranges(
     mimetype: str, allowed: tuple[str, ...], expected: bool
 ) -> None:
     assert body_type_allowed(mimetype, allowed) is expected
+
+
+def test_client_headers_are_read_off_the_environ_with_lower_case_names() -> None:
+    environ = {
+        "HTTP_ACCEPT": "application/json",
+        "HTTP_X_TENANT_ID": "t-1",
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": "",  # no body: not a header
+        "PATH_INFO": "/api/v1/x",
+        "wsgi.url_scheme": "http",
+    }
+    assert sorted(client_header_items(environ)) == [
+        ("accept", "application/json"),
+        ("content-type", "application/json"),
+        ("x-tenant-id", "t-1"),
+    ]
