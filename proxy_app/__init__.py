@@ -46,6 +46,9 @@ def create_app(settings: Settings | None = None) -> Flask:
     # The proxy judges raw paths itself: no slash merging or redirects before it sees them.
     app.url_map.merge_slashes = False
     app.url_map.strict_slashes = False
+    # /api/v1/ would otherwise be redirected to /api/v1 (the rule whose default gives the same
+    # path) before the key check; no route here wants a canonical form forced on it.
+    app.url_map.redirect_defaults = False
     app.url_map.converters["anypath"] = proxy.AnyPathConverter
 
     metrics = Metrics(settings.metrics_multiproc_dir)

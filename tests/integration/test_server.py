@@ -448,3 +448,15 @@ def test_a_client_that_vanishes_mid_answer_costs_only_its_connection(
     answer = gateway.get("/api/v1/after-vanishing")
     assert answer.status_code == 200
     assert "Traceback" not in gateway.output()
+
+
+def test_the_gateway_root_with_a_trailing_slash_is_proxied_not_redirected(
+    gateway: Gateway, connect: Callable[[], RawConnection], upstream: StubUpstream
+) -> None:
+    conn = connect()
+    conn.send(request_bytes("GET", "/api/v1/", _keyed(gateway)))
+    answer = conn.read_response()
+    assert answer.status == 200
+    assert json.loads(answer.body)["path"] == "/"
+    conn.send(request_bytes("GET", "/api/v1/"))  # no key: refused as usual, not redirected
+    assert conn.read_response().status == 401
