@@ -5,6 +5,7 @@ the Redis key of a response variant. Pure functions: no I/O."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.utils
 import functools
 import hashlib
@@ -67,6 +68,54 @@ def http_date(value: str | None) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+_DAY_NAMES = "Mon|Tue|Wed|Thu|Fri|Sat|Sun"
+_LONG_DAY_NAMES = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(" + "|".join(_MONTHS) + ")"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# The three HTTP-date forms of RFC 9110 section 5.6.7, exactly as written there (names are
+# case-sensitive, one space between parts, always GMT).
+_IMF_FIXDATE = re.compile(rf"(?:{_DAY_NAMES}), (\d\d) {_MONTH} (\d{{4}}) {_TIME} GMT")
+_RFC850_DATE = re.compile(rf"(?:{_LONG_DAY_NAMES}), (\d\d)-{_MONTH}-(\d\d) {_TIME} GMT")
+_ASCTIME_DATE = re.compile(rf"(?:{_DAY_NAMES}) {_MONTH} ([ \d]\d) {_TIME} (\d{{4}})")
+
+
+def strict_http_date(value: str | None) -> float | None:
+    """An HTTP-date in one of its three exact forms, or None for anything else: an Expires
+    that is not one means "already expired" (RFC 9111 section 5.3), so a lenient reading of a
+    malformed value would make a response fresh that is not."""
+    if not value:
+        return None
+    value = value.strip(" \t")
+    if match := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hour, minute, second = match.groups()
+    elif match := _RFC850_DATE.fullmatch(value):
+        day, month, short_year, hour, minute, second = match.groups()
+        # Two-digit years: the one that is not more than 50 years in the future (section 5.6.7).
+        this_year = datetime.datetime.now(datetime.UTC).year
+        year_number = this_year - this_year % 100 + int(short_year)
+        if year_number > this_year + 50:
+            year_number -= 100
+        year = str(year_number)
+    elif match := _ASCTIME_DATE.fullmatch(value):
+        month, day, hour, minute, second, year = match.groups()
+    else:
+        return None
+    try:
+        parsed = datetime.datetime(
+            int(year),
+            _MONTHS.index(month) + 1,
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            tzinfo=datetime.UTC,
+        )
+    except ValueError:  # 31 Feb, 25:00, ...
         return None
     return parsed.timestamp()
 
@@ -270,7 +319,7 @@ def freshness(
     elif max_age is not None:
         lifetime = max_age
     elif first_header(headers, "expires") is not None:
-        expires = http_date(first_header(headers, "expires"))
+        expires = strict_http_date(first_header(headers, "expires"))
         # An invalid Expires (such as "0") means already expired.
         lifetime = max(0.0, expires - (date_value or response_time)) if expires else 0.0
     else:
