@@ -77,10 +77,16 @@ class HttpEntry:
     def age_s(self, now: float) -> int:
         return int(self.initial_age_s + max(0.0, now - self.response_time))
 
-    def matches(self, request_headers: Mapping[str, str]) -> bool:
-        """Whether the request selects this variant (the headers named by the response's Vary)."""
+    def matches(
+        self, request_headers: Mapping[str, str], client_headers: Sequence[tuple[str, str]] = ()
+    ) -> bool:
+        """Whether the request selects this variant (the headers named by the response's Vary,
+        in whatever order it names them; ``client_headers`` for those not forwarded)."""
         return all(
-            policy.normalize_variant_value(name, request_headers.get(name)) == value
+            policy.normalize_variant_value(
+                name, policy.selecting_value(name, request_headers, client_headers)
+            )
+            == value
             for name, value in self.vary.items()
         )
 
@@ -136,14 +142,16 @@ class ProxyCache:
         forwarded: Mapping[str, str],
         key: str | None,
         prefetched: Prefetched | None = None,
+        client_headers: Sequence[tuple[str, str]] = (),
     ) -> Served:
         """Answer a GET or HEAD under ``key`` (from ``lookup_key``; None: straight upstream).
         Raises UpstreamError when the upstream failed and no stored response may stand in.
-        ``prefetched``: the entry, when it was read ahead."""
+        ``prefetched``: the entry, when it was read ahead; ``client_headers``: every request
+        header (lower-cased names), for a Vary naming one that is not forwarded."""
         if key is None:
             return self._pass_through(method, path, query, forwarded)
         if method == "HEAD":
-            return self._head(key, path, query, forwarded, prefetched)
+            return self._head(key, path, query, forwarded, prefetched, client_headers)
         outbound = {k: v for k, v in forwarded.items() if k not in policy.CONDITIONAL_HEADERS}
         target = policy.request_target(path, query)
 
@@ -151,7 +159,7 @@ class ProxyCache:
         answered: list[UpstreamResponse] = []
 
         def loader(previous: Stored | None) -> Load:
-            return self._load(path, query, outbound, previous, answered)
+            return self._load(path, query, outbound, previous, answered, client_headers)
 
         # Entries decoded while judging them, kept with their bytes so that the one served is
         # not decoded twice (holding the bytes keeps the identity check sound).
@@ -162,7 +170,7 @@ class ProxyCache:
             if entry is None:
                 return False
             decoded.append((stored.value, entry))
-            return entry.matches(forwarded)
+            return entry.matches(forwarded, client_headers)
 
         try:
             result = self.store.wrap(
@@ -221,6 +229,7 @@ class ProxyCache:
         outbound: Mapping[str, str],
         previous: Stored | None,
         answered: list[UpstreamResponse],
+        client_headers: Sequence[tuple[str, str]],
     ) -> Load:
         stale = HttpEntry.read(previous.value) if previous is not None else None
         headers = dict(outbound)
@@ -239,7 +248,9 @@ class ProxyCache:
         response_time = time.time()
         answered.append(response)
         try:
-            return self._judged(response, stale, outbound, request_time, response_time)
+            return self._judged(
+                response, stale, outbound, client_headers, request_time, response_time
+            )
         except UpstreamError as exc:  # the body failed (or outgrew the limit) while buffered
             raise LoadFailed(error=exc) from exc
 
@@ -248,6 +259,7 @@ class ProxyCache:
         response: UpstreamResponse,
         stale: HttpEntry | None,
         outbound: Mapping[str, str],
+        client_headers: Sequence[tuple[str, str]],
         request_time: float,
         response_time: float,
     ) -> Load:
@@ -273,7 +285,9 @@ class ProxyCache:
             # Too large to store: what was read goes out first, the rest streams behind it.
             return Load(b"", store=False, unstored=response)
         vary = {
-            name: policy.normalize_variant_value(name, outbound.get(name))
+            name: policy.normalize_variant_value(
+                name, policy.selecting_value(name, outbound, client_headers)
+            )
             for name in policy.vary_header_names(response.headers)
         }
         entry = HttpEntry(
@@ -322,6 +336,7 @@ class ProxyCache:
         query: str,
         forwarded: Mapping[str, str],
         prefetched: Prefetched | None,
+        client_headers: Sequence[tuple[str, str]],
     ) -> Served:
         """HEAD is answered from a fresh stored GET response; otherwise it goes upstream."""
         if prefetched is not None and prefetched.key == key:
@@ -333,7 +348,7 @@ class ProxyCache:
                 stored = None
         if stored is not None and time.time() < stored.fresh_until:
             entry = HttpEntry.read(stored.value)
-            if entry is not None and entry.matches(forwarded):
+            if entry is not None and entry.matches(forwarded, client_headers):
                 age = entry.age_s(time.time())
                 headers = self._stored_headers(entry)
                 return Served(entry.status, headers, entry.body, Outcome.HIT, age, key)

@@ -287,6 +287,19 @@ def vary_header_names(headers: Sequence[tuple[str, str]]) -> list[str]:
     return sorted(name for name in names if name and name != "*")
 
 
+def selecting_value(
+    name: str, forwarded: Mapping[str, str], client_headers: Sequence[tuple[str, str]]
+) -> str | None:
+    """The request's value of a header named by Vary (RFC 9111 section 4.1): the forwarded one,
+    else what the client sent (lower-cased names, several lines combined), so that a response
+    varying on a header the gateway does not forward is still matched on it."""
+    value = forwarded.get(name)
+    if value is not None or not client_headers:
+        return value
+    values = [item for header, item in client_headers if header == name]
+    return ", ".join(values) if values else None
+
+
 def has_validator(headers: Sequence[tuple[str, str]]) -> bool:
     return bool(first_header(headers, "etag") or first_header(headers, "last-modified"))
 

@@ -535,3 +535,55 @@ def test_a_refused_body_type_gets_415_naming_the_allowed_types(
     assert response.json["allowed"] == ["application/json", "application/*+json"]
     assert "application/json" in response.json["message"]
     assert not upstream.received
+
+
+def vary_reply(*extra: tuple[str, str], vary: str = "Foo, Bar, Baz") -> Reply:
+    return Reply(headers=(("cache-control", "max-age=600"), ("vary", vary), *extra))
+
+
+@pytest.mark.parametrize("forwarded", [("foo", "bar", "baz"), ()])
+def test_a_vary_on_several_headers_selects_on_all_of_them_in_any_order(
+    upstream: StubUpstream, forwarded: tuple[str, ...]
+) -> None:
+    """RFC 9111 section 4.1: every header Vary names must match, whether or not the gateway
+    forwards it, and the order of the names or of the request's headers does not matter."""
+    app = fake_redis_app(upstream_base_url=upstream.url, proxy_forward_request_headers=forwarded)
+    client = keyed_client(app)
+    upstream.reply("/v", vary_reply(vary="Foo, Bar, Baz"))
+    upstream.reply("/w", vary_reply(vary="Baz,Foo , Bar"))
+    for path in ("/api/v1/v", "/api/v1/w"):
+        first = client.get(path, headers={"Foo": "1", "Bar": "abc4", "Baz": "789"})
+        other = client.get(path, headers={"Foo": "1", "Bar": "abc", "Baz": "789"})
+        reordered = client.get(path, headers=[("Baz", "789"), ("Bar", "abc"), ("Foo", "1")])
+        omitted = client.get(path, headers={"Foo": "1", "Baz": "789"})
+        outcomes = [r.headers["x-cache"] for r in (first, other, reordered, omitted)]
+        assert outcomes == ["MISS", "MISS", "HIT", "MISS"], (path, forwarded)
+
+
+def test_a_stale_response_varying_on_a_forwarded_custom_header_is_revalidated_with_it(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9111 sections 4.1 and 4.3.1: the conditional request carries the selecting header
+    and the stored validator; the 304 makes the stored body usable again."""
+    app = fake_redis_app(
+        upstream_base_url=upstream.url,
+        proxy_forward_request_headers=("abc",),
+        cache_ttl_default_s=0,
+    )
+    client = keyed_client(app)
+    upstream.reply(
+        "/v",
+        Reply(
+            body=b"stored",
+            headers=(("cache-control", "max-age=0"), ("etag", '"e1"'), ("vary", "Abc")),
+        ),
+        Reply(status=304, body=b"", headers=(("cache-control", "max-age=600"), ("etag", '"e1"'))),
+    )
+    client.get("/api/v1/v", headers={"Abc": "123"})
+    second = client.get("/api/v1/v", headers={"Abc": "123"})
+    sent = sent_request(upstream)
+    assert (sent.header("abc"), sent.header("if-none-match")) == ("123", '"e1"')
+    assert (second.status_code, second.data) == (200, b"stored")
+    assert second.headers["x-cache"] == "REVALIDATED"
+    conditional = client.get("/api/v1/v", headers={"Abc": "123", "If-None-Match": '"e1"'})
+    assert (conditional.status_code, conditional.headers["x-cache"]) == (304, "HIT")
