@@ -191,8 +191,11 @@ class ProxyCache:
             (entry for blob, entry in decoded if blob is result.value), None
         ) or HttpEntry.decode(result.value)
         cached = result.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED)
-        age = entry.age_s(time.time()) if cached else None
         upstream = answered[0] if answered else None
+        # A fresh answer the upstream aged itself (it is a cache too) passes its Age on, with
+        # the time it took to get here (RFC 9111 section 5.1).
+        aged = upstream is not None and upstream.header("age") is not None
+        age = entry.age_s(time.time()) if cached or aged else None
         headers = self._stored_headers(entry)
         served = Served(entry.status, headers, entry.body, result.outcome, age, key, upstream)
         return _conditional(served, forwarded)
@@ -374,9 +377,20 @@ class ProxyCache:
         self, response: UpstreamResponse, outcome: Outcome, key: str | None
     ) -> Served:
         headers = filter_response_headers(response.headers, self._base_url, self._hidden)
+        age = _upstream_age(response)
         if response.complete:
-            return Served(response.status, headers, response.body, outcome, None, key, response)
-        return Served(response.status, headers, b"", outcome, None, key, response, response)
+            return Served(response.status, headers, response.body, outcome, age, key, response)
+        return Served(response.status, headers, b"", outcome, age, key, response, response)
+
+
+def _upstream_age(response: UpstreamResponse) -> int | None:
+    """The upstream's own Age, passed on with an answer that is not stored (RFC 9111 section
+    5.1); an invalid one is dropped."""
+    value = response.header("age")
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() else None
 
 
 def _load_for(entry: HttpEntry, fresh: policy.Freshness, *, revalidated: bool = False) -> Load:

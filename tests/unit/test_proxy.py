@@ -587,3 +587,25 @@ def test_a_stale_response_varying_on_a_forwarded_custom_header_is_revalidated_wi
     assert second.headers["x-cache"] == "REVALIDATED"
     conditional = client.get("/api/v1/v", headers={"Abc": "123", "If-None-Match": '"e1"'})
     assert (conditional.status_code, conditional.headers["x-cache"]) == (304, "HIT")
+
+
+def test_the_upstreams_age_is_passed_on_and_counts_against_freshness(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9111 sections 4.2.3 and 5.1: a response aged 30 s by the upstream arrives with that
+    age, which is taken off its freshness lifetime."""
+    app = fake_redis_app(upstream_base_url=upstream.url, cache_ttl_default_s=0)
+    client = keyed_client(app)
+    upstream.reply("/young", Reply(headers=(("cache-control", "max-age=60"), ("age", "30"))))
+    upstream.reply("/old", Reply(headers=(("cache-control", "max-age=20"), ("age", "30"))))
+    upstream.reply("/private", Reply(headers=(("cache-control", "no-store"), ("age", "7"))))
+    upstream.reply("/own", Reply(headers=(("cache-control", "max-age=60"),)))
+    miss, hit = client.get("/api/v1/young"), client.get("/api/v1/young")
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    assert 30 <= int(miss.headers["age"]) <= 31
+    assert 30 <= int(hit.headers["age"]) <= 31
+    old = [client.get("/api/v1/old") for _ in range(2)]
+    assert [int(answer.headers["age"]) for answer in old] == [30, 30]
+    assert len(upstream.calls("/old")) == 2  # already stale on arrival: never served from cache
+    assert client.get("/api/v1/private").headers["age"] == "7"
+    assert "age" not in client.get("/api/v1/own").headers  # a fresh answer of the origin's own
