@@ -6,6 +6,7 @@ the store limit); every other body streams from the upstream to the client."""
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import logging
 import struct
 import time
@@ -293,9 +294,14 @@ class ProxyCache:
             )
             for name in policy.vary_header_names(response.headers)
         }
+        headers = filter_response_headers(response.headers, self._base_url, self._hidden)
+        if policy.first_header(headers, "date") is None:
+            # Stored with the time it was received, which every later hit repeats, rather than
+            # a new Date per answer that would make a stored copy look new (RFC 9110 6.6.1).
+            headers.append(("date", email.utils.formatdate(response_time, usegmt=True)))
         entry = HttpEntry(
             status=response.status,
-            headers=tuple(filter_response_headers(response.headers, self._base_url, self._hidden)),
+            headers=tuple(headers),
             body=response.body,
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,

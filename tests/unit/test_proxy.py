@@ -5,7 +5,9 @@ The same behaviours run against the real service in integration/."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 
 import pytest
 from flask import Flask
@@ -610,3 +612,56 @@ def test_the_upstreams_age_is_passed_on_and_counts_against_freshness(
     assert len(upstream.calls("/old")) == 2  # already stale on arrival: never served from cache
     assert client.get("/api/v1/private").headers["age"] == "7"
     assert "age" not in client.get("/api/v1/own").headers  # a fresh answer of the origin's own
+
+
+def test_a_stored_response_keeps_its_date_and_a_304_updates_the_fields_it_carries(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9110 section 6.6.1 (a Date added once, when received) and RFC 9111 section 4.3.4 (a
+    304 replaces the stored header fields it carries; the others and the body stay)."""
+    app = fake_redis_app(upstream_base_url=upstream.url, cache_ttl_default_s=0)
+    client = keyed_client(app)
+    upstream.reply("/undated", Reply(headers=(("cache-control", "max-age=600"),)))
+    miss = client.get("/api/v1/undated")
+    time.sleep(1.1)
+    hit = client.get("/api/v1/undated")
+    assert hit.headers["x-cache"] == "HIT"
+    assert hit.headers["date"] == miss.headers["date"]
+
+    old_date, new_date = formatdate(time.time() - 5, usegmt=True), formatdate(usegmt=True)
+    upstream.reply(
+        "/updated",
+        Reply(
+            body=b"body",
+            headers=(
+                ("cache-control", "max-age=0"),
+                ("etag", '"e1"'),
+                ("date", old_date),
+                ("test-header", "A"),
+                ("content-type", "text/plain"),
+                ("x-kept", "k"),
+            ),
+        ),
+        Reply(
+            status=304,
+            body=b"",
+            headers=(
+                ("cache-control", "max-age=600"),
+                ("etag", '"e1"'),
+                ("date", new_date),
+                ("test-header", "B"),
+                ("content-type", "text/plain;charset=utf-8"),
+            ),
+        ),
+    )
+    client.get("/api/v1/updated")
+    revalidated = client.get("/api/v1/updated")
+    stored = client.get("/api/v1/updated")
+    assert [r.headers["x-cache"] for r in (revalidated, stored)] == ["REVALIDATED", "HIT"]
+    for answer in (revalidated, stored):
+        assert answer.data == b"body"
+        assert answer.headers["test-header"] == "B"
+        assert answer.headers["content-type"] == "text/plain;charset=utf-8"
+        assert answer.headers["date"] == new_date
+        assert answer.headers["x-kept"] == "k"
+        assert answer.headers["cache-control"] == "max-age=600"
