@@ -114,7 +114,10 @@ class ProxyCache:
         self.upstream = upstream
         self.settings = settings
         self._base_url = settings.upstream_base_url or ""
-        self._hidden = hidden_response_headers(settings.proxy_hide_response_headers)
+        self._targeted = policy.targeted_fields(settings)
+        # The gateway's own cache-control field is meant for this cache alone.
+        own_field = (settings.cache_control_field,) if settings.cache_control_field else ()
+        self._hidden = hidden_response_headers((*settings.proxy_hide_response_headers, *own_field))
         # Entries stored before the operator hid more names still carry them: dropped on the
         # way out, a step taken only when there are such names.
         self._operator_hidden = frozenset(
@@ -278,7 +281,9 @@ class ProxyCache:
             raise LoadFailed(unstored=response)
         # The headers alone may rule storing out (the size, when the upstream declared it).
         declared_size = response.content_length or 0
-        if policy.unstorable_reason(response.status, response.headers, declared_size):
+        if policy.unstorable_reason(
+            response.status, response.headers, declared_size, self._targeted
+        ):
             return Load(b"", store=False, unstored=response)
         fresh = policy.freshness(
             response.headers, self.settings, request_time=request_time, response_time=response_time
@@ -333,7 +338,7 @@ class ProxyCache:
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,
         )
-        if policy.unstorable_reason(stale.status, raw, len(stale.body)):
+        if policy.unstorable_reason(stale.status, raw, len(stale.body), self._targeted):
             # The upstream now forbids storing it (no-store, private, ...): serve it this once.
             return Load(entry.encode(), store=False)
         return _load_for(entry, fresh, revalidated=True)

@@ -52,6 +52,36 @@ def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
     return directives
 
 
+# A member of a Structured Fields Dictionary (RFC 8941) as targeted fields use them: a key,
+# optionally an integer, token or string, optionally parameters.
+_SF_MEMBER = re.compile(
+    r'[a-z*][a-z0-9_.*-]*(?:=(?:-?\d{1,15}|"(?:[^"\\]|\\["\\])*"|[A-Za-z*][^,;\s"]*))?(?:;[^,]*)?'
+)
+
+
+def targeted_fields(settings: Settings) -> tuple[str, ...]:
+    """The targeted cache-control fields this cache obeys (RFC 9213), most specific first: the
+    gateway's own, then CDN-Cache-Control."""
+    own = (settings.cache_control_field,) if settings.cache_control_field else ()
+    return own + (("cdn-cache-control",) if settings.cache_cdn_control else ())
+
+
+def control_directives(
+    headers: Sequence[tuple[str, str]], targeted: Sequence[str] = ()
+) -> dict[str, str | None]:
+    """The directives this cache follows: those of the first targeted field present and valid,
+    which then replaces Cache-Control entirely for this cache (RFC 9213 section 2.1); else
+    Cache-Control's. A targeted field that is not a valid dictionary is ignored."""
+    for name in targeted:
+        values = header_values(headers, name)
+        if not values:
+            continue
+        members = [member.strip() for value in values for member in value.split(",")]
+        if all(_SF_MEMBER.fullmatch(member) for member in members):
+            return parse_cache_control(values)
+    return parse_cache_control(header_values(headers, "cache-control"))
+
+
 def delta_seconds(directives: Mapping[str, str | None], name: str) -> int | None:
     """A directive's non-negative integer argument, or None when absent or malformed."""
     raw = directives.get(name)
@@ -260,12 +290,13 @@ class Freshness:
 
 
 def unstorable_reason(
-    status: int, headers: Sequence[tuple[str, str]], body_size: int
+    status: int, headers: Sequence[tuple[str, str]], body_size: int, targeted: Sequence[str] = ()
 ) -> str | None:
-    """Why a response to a GET must not be stored, or None when it may be."""
+    """Why a response to a GET must not be stored, or None when it may be (``targeted``: from
+    ``targeted_fields``)."""
     if not 200 <= status < 300 or status in UNCACHEABLE_2XX:
         return "status"
-    directives = parse_cache_control(header_values(headers, "cache-control"))
+    directives = control_directives(headers, targeted)
     if "no-store" in directives:
         return "no-store"
     if "private" in directives:
@@ -322,7 +353,7 @@ def freshness(
             stale_if_error_s=default_stale_s,
             always_revalidate=False,
         )
-    directives = parse_cache_control(header_values(headers, "cache-control"))
+    directives = control_directives(headers, targeted_fields(settings))
     date_value = http_date(first_header(headers, "date"))
     s_maxage = delta_seconds(directives, "s-maxage")
     max_age = delta_seconds(directives, "max-age")

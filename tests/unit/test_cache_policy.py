@@ -288,3 +288,26 @@ def test_added_forwarded_headers_always_select_the_variant_exactly() -> None:
     assert acme == policy.cache_key("/t", "", {"x-tenant": " acme "}, added)
     # Without added names the key is what it always was.
     assert policy.cache_key("/t", "", {"x-tenant": "acme"}) == policy.cache_key("/t", "", {})
+
+
+def test_targeted_cache_control_replaces_cache_control_most_specific_first() -> None:
+    """RFC 9213 section 2.1: the first targeted field present and valid replaces Cache-Control
+    for the caches it targets; the gateway's own field comes before CDN-Cache-Control."""
+    base = [("cache-control", "no-store"), ("date", date())]
+    cdn = [*base, ("cdn-cache-control", "max-age=600")]
+    own = [*cdn, ("gateway-cache-control", "max-age=30")]
+    assert policy.unstorable_reason(200, base, 10, ("cdn-cache-control",)) == "no-store"
+    assert policy.unstorable_reason(200, cdn, 10, ("cdn-cache-control",)) is None
+    assert fresh(cdn).lifetime_s == 600
+    assert fresh(own).lifetime_s == 30
+    assert fresh(cdn, cache_cdn_control=False).lifetime_s == 300  # the default: no max-age
+    assert fresh(own, cache_control_field="").lifetime_s == 600
+    forbidding = [("cache-control", "max-age=600"), ("cdn-cache-control", "private")]
+    assert policy.unstorable_reason(200, forbidding, 10, ("cdn-cache-control",)) == "private"
+
+
+@pytest.mark.parametrize("value", ["max-age=600, Private", "max-age=6o0 x", '"max-age"=5'])
+def test_an_invalid_targeted_field_is_ignored(value: str) -> None:
+    """RFC 9213 section 2.1: a targeted field that fails to parse as a dictionary is ignored."""
+    headers = [("cache-control", "max-age=5"), ("cdn-cache-control", value)]
+    assert fresh(headers).lifetime_s == 5

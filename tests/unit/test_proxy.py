@@ -665,3 +665,27 @@ def test_a_stored_response_keeps_its_date_and_a_304_updates_the_fields_it_carrie
         assert answer.headers["date"] == new_date
         assert answer.headers["x-kept"] == "k"
         assert answer.headers["cache-control"] == "max-age=600"
+
+
+def test_the_gateways_own_cache_control_field_rules_and_stays_in_the_gateway(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9213: Gateway-Cache-Control targets this cache alone; CDN-Cache-Control passes on."""
+    app = fake_redis_app(upstream_base_url=upstream.url, cache_ttl_default_s=0)
+    client = keyed_client(app)
+    upstream.reply(
+        "/t",
+        Reply(
+            headers=(
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "no-store"),
+                ("gateway-cache-control", "max-age=600"),
+            )
+        ),
+    )
+    answers = [client.get("/api/v1/t") for _ in range(2)]
+    assert [a.headers["x-cache"] for a in answers] == ["MISS", "HIT"]
+    for answer in answers:
+        assert "gateway-cache-control" not in answer.headers
+        assert answer.headers["cdn-cache-control"] == "no-store"
+        assert answer.headers["cache-control"] == "no-store"
