@@ -689,3 +689,22 @@ def test_the_gateways_own_cache_control_field_rules_and_stays_in_the_gateway(
         assert "gateway-cache-control" not in answer.headers
         assert answer.headers["cdn-cache-control"] == "no-store"
         assert answer.headers["cache-control"] == "no-store"
+
+
+def test_interim_responses_from_the_upstream_are_skipped(upstream: StubUpstream) -> None:
+    """RFC 9110 section 15.2: 102 Processing and 103 Early Hints come before the final answer,
+    which is the one passed on (and stored)."""
+    upstream.reply(
+        "/slow",
+        Reply(
+            raw=b"HTTP/1.1 102 Processing\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nCache-Control: max-age=60\r\n"
+            b"X-Final: yes\r\n\r\ndone"
+        ),
+    )
+    client = keyed_client(fake_redis_app(upstream_base_url=upstream.url))
+    first, second = client.get("/api/v1/slow"), client.get("/api/v1/slow")
+    assert (first.status_code, first.data, first.headers["x-final"]) == (200, b"done", "yes")
+    assert "link" not in first.headers
+    assert (second.headers["x-cache"], second.data) == ("HIT", b"done")
