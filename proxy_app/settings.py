@@ -74,6 +74,9 @@ class Settings:
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
     cache_ignore_upstream_control: bool = False
+    # RFC 9213 targeted fields: the gateway's own (lowercased; empty: none) and CDN-Cache-Control.
+    cache_control_field: str = "gateway-cache-control"
+    cache_cdn_control: bool = True
     cache_bypass_paths: tuple[str, ...] = ()
     cache_debug: bool = False
     api_keys_redis_url: str = "redis://127.0.0.1:6379/0"
@@ -297,6 +300,12 @@ class _SettingsSchema(Schema):
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
     cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
     cache_ignore_upstream_control = _bool("CACHE_IGNORE_UPSTREAM_CONTROL")
+    cache_control_field = _str(
+        "CACHE_CONTROL_FIELD",
+        "a header name such as gateway-cache-control, or empty for none",
+        _header_names,
+    )
+    cache_cdn_control = _bool("CACHE_CDN_CONTROL")
     cache_bypass_paths = _str(
         "CACHE_BYPASS_PATHS",
         "comma-separated path prefixes such as /auth,/users/me",
@@ -340,6 +349,8 @@ class _SettingsSchema(Schema):
             data["proxy_hide_response_headers"] = _lowered_names(
                 data["proxy_hide_response_headers"]
             )
+        if "cache_control_field" in data:
+            data["cache_control_field"] = data["cache_control_field"].strip().lower()
         for name in ("proxy_forward_request_headers", "proxy_body_types", "cors_allowed_origins"):
             if name in data:
                 data[name] = _lowered_names(data[name])

@@ -11,6 +11,7 @@ from urllib.parse import unquote
 
 import certifi
 import urllib3
+import urllib3.connection
 import urllib3.exceptions
 from urllib3.util import SKIP_HEADER, Retry, Timeout, make_headers, parse_url
 
@@ -415,6 +416,29 @@ class UpstreamClient:
         return response
 
 
+class _FinalResponse(http.client.HTTPResponse):
+    """Reads past interim (1xx) responses to the final one. http.client skips only
+    100 Continue; a 102 Processing or 103 Early Hints would otherwise be taken for the answer
+    and the real one left on the connection (RFC 9110 section 15.2: a client must be able to
+    parse and ignore interim responses)."""
+
+    def _read_status(self) -> tuple[str, int, str]:
+        while True:
+            version, status, reason = super()._read_status()  # type: ignore[misc]
+            # 101 switches protocols and is the answer; 100 is skipped by http.client itself.
+            if status < 102 or status >= 200:
+                return version, status, reason
+            http.client.parse_headers(self.fp)  # the interim response's fields, dropped
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = _FinalResponse
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _FinalResponse
+
+
 def _connection_pool(
     base_url: str, pool_size: int
 ) -> tuple[urllib3.HTTPConnectionPool, str, dict[str, str]]:
@@ -433,6 +457,8 @@ def _connection_pool(
             cert_reqs="CERT_REQUIRED",
             ca_certs=certifi.where(),
         )
+        pool.ConnectionCls = _HTTPSConnection
     else:
         pool = urllib3.HTTPConnectionPool(host, parts.port, maxsize=pool_size, block=False)
+        pool.ConnectionCls = _HTTPConnection
     return pool, (parts.path or "").rstrip("/"), auth

@@ -201,6 +201,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CACHE_TTL_DEFAULT", default="300", validate=_int_range(0)),
     Variable("CACHE_STALE_TTL", default="60", validate=_int_range(0)),
     Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false", validate=_BOOL),
+    Variable("CACHE_CONTROL_FIELD", default="Gateway-Cache-Control", validate=_no_backtick),
+    Variable("CACHE_CDN_CONTROL", default="true", validate=_BOOL),
     Variable("CACHE_BYPASS_PATHS", default="", validate=_no_backtick),
     Variable("CACHE_DEBUG", default="false", validate=_BOOL),
     Variable("API_KEYS_REDIS_PREFIX", default="api-keys", validate=_no_backtick),

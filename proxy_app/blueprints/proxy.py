@@ -54,6 +54,7 @@ class ProxyRequest:
     refusal: BadRequest | None
     query: str
     forwarded: dict[str, str]
+    client_headers: list[tuple[str, str]]  # every request header, for Vary
     cache_key: str | None  # the entry a GET/HEAD may be answered from; None: no cache use
 
 
@@ -72,7 +73,9 @@ def plan_request() -> None:
         cache_key = services.proxy_cache().lookup_key(
             judged.path, judged.query, forwarded, [name for name, _ in client_headers]
         )
-    g.proxy_request = ProxyRequest(judged.path, refusal, judged.query, forwarded, cache_key)
+    g.proxy_request = ProxyRequest(
+        judged.path, refusal, judged.query, forwarded, client_headers, cache_key
+    )
     redis = services.redis()
     if redis.keys is redis.cache:
         g.cache_prefetch_key = cache_key
@@ -111,6 +114,7 @@ def proxy(path: str) -> Response:
                 headers,
                 planned.cache_key,
                 g.get("cache_prefetched"),
+                planned.client_headers,
             )
         else:
             served = cache.forward_write(method, target, raw_query, headers, body)

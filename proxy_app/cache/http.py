@@ -6,6 +6,7 @@ the store limit); every other body streams from the upstream to the client."""
 from __future__ import annotations
 
 import dataclasses
+import email.utils
 import logging
 import struct
 import time
@@ -77,10 +78,16 @@ class HttpEntry:
     def age_s(self, now: float) -> int:
         return int(self.initial_age_s + max(0.0, now - self.response_time))
 
-    def matches(self, request_headers: Mapping[str, str]) -> bool:
-        """Whether the request selects this variant (the headers named by the response's Vary)."""
+    def matches(
+        self, request_headers: Mapping[str, str], client_headers: Sequence[tuple[str, str]] = ()
+    ) -> bool:
+        """Whether the request selects this variant (the headers named by the response's Vary,
+        in whatever order it names them; ``client_headers`` for those not forwarded)."""
         return all(
-            policy.normalize_variant_value(name, request_headers.get(name)) == value
+            policy.normalize_variant_value(
+                name, policy.selecting_value(name, request_headers, client_headers)
+            )
+            == value
             for name, value in self.vary.items()
         )
 
@@ -107,7 +114,10 @@ class ProxyCache:
         self.upstream = upstream
         self.settings = settings
         self._base_url = settings.upstream_base_url or ""
-        self._hidden = hidden_response_headers(settings.proxy_hide_response_headers)
+        self._targeted = policy.targeted_fields(settings)
+        # The gateway's own cache-control field is meant for this cache alone.
+        own_field = (settings.cache_control_field,) if settings.cache_control_field else ()
+        self._hidden = hidden_response_headers((*settings.proxy_hide_response_headers, *own_field))
         # Entries stored before the operator hid more names still carry them: dropped on the
         # way out, a step taken only when there are such names.
         self._operator_hidden = frozenset(
@@ -136,14 +146,16 @@ class ProxyCache:
         forwarded: Mapping[str, str],
         key: str | None,
         prefetched: Prefetched | None = None,
+        client_headers: Sequence[tuple[str, str]] = (),
     ) -> Served:
         """Answer a GET or HEAD under ``key`` (from ``lookup_key``; None: straight upstream).
         Raises UpstreamError when the upstream failed and no stored response may stand in.
-        ``prefetched``: the entry, when it was read ahead."""
+        ``prefetched``: the entry, when it was read ahead; ``client_headers``: every request
+        header (lower-cased names), for a Vary naming one that is not forwarded."""
         if key is None:
             return self._pass_through(method, path, query, forwarded)
         if method == "HEAD":
-            return self._head(key, path, query, forwarded, prefetched)
+            return self._head(key, path, query, forwarded, prefetched, client_headers)
         outbound = {k: v for k, v in forwarded.items() if k not in policy.CONDITIONAL_HEADERS}
         target = policy.request_target(path, query)
 
@@ -151,7 +163,7 @@ class ProxyCache:
         answered: list[UpstreamResponse] = []
 
         def loader(previous: Stored | None) -> Load:
-            return self._load(path, query, outbound, previous, answered)
+            return self._load(path, query, outbound, previous, answered, client_headers)
 
         # Entries decoded while judging them, kept with their bytes so that the one served is
         # not decoded twice (holding the bytes keeps the identity check sound).
@@ -162,7 +174,7 @@ class ProxyCache:
             if entry is None:
                 return False
             decoded.append((stored.value, entry))
-            return entry.matches(forwarded)
+            return entry.matches(forwarded, client_headers)
 
         try:
             result = self.store.wrap(
@@ -183,8 +195,11 @@ class ProxyCache:
             (entry for blob, entry in decoded if blob is result.value), None
         ) or HttpEntry.decode(result.value)
         cached = result.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED)
-        age = entry.age_s(time.time()) if cached else None
         upstream = answered[0] if answered else None
+        # A fresh answer the upstream aged itself (it is a cache too) passes its Age on, with
+        # the time it took to get here (RFC 9111 section 5.1).
+        aged = upstream is not None and upstream.header("age") is not None
+        age = entry.age_s(time.time()) if cached or aged else None
         headers = self._stored_headers(entry)
         served = Served(entry.status, headers, entry.body, result.outcome, age, key, upstream)
         return _conditional(served, forwarded)
@@ -221,6 +236,7 @@ class ProxyCache:
         outbound: Mapping[str, str],
         previous: Stored | None,
         answered: list[UpstreamResponse],
+        client_headers: Sequence[tuple[str, str]],
     ) -> Load:
         stale = HttpEntry.read(previous.value) if previous is not None else None
         headers = dict(outbound)
@@ -239,7 +255,9 @@ class ProxyCache:
         response_time = time.time()
         answered.append(response)
         try:
-            return self._judged(response, stale, outbound, request_time, response_time)
+            return self._judged(
+                response, stale, outbound, client_headers, request_time, response_time
+            )
         except UpstreamError as exc:  # the body failed (or outgrew the limit) while buffered
             raise LoadFailed(error=exc) from exc
 
@@ -248,6 +266,7 @@ class ProxyCache:
         response: UpstreamResponse,
         stale: HttpEntry | None,
         outbound: Mapping[str, str],
+        client_headers: Sequence[tuple[str, str]],
         request_time: float,
         response_time: float,
     ) -> Load:
@@ -262,7 +281,9 @@ class ProxyCache:
             raise LoadFailed(unstored=response)
         # The headers alone may rule storing out (the size, when the upstream declared it).
         declared_size = response.content_length or 0
-        if policy.unstorable_reason(response.status, response.headers, declared_size):
+        if policy.unstorable_reason(
+            response.status, response.headers, declared_size, self._targeted
+        ):
             return Load(b"", store=False, unstored=response)
         fresh = policy.freshness(
             response.headers, self.settings, request_time=request_time, response_time=response_time
@@ -273,12 +294,19 @@ class ProxyCache:
             # Too large to store: what was read goes out first, the rest streams behind it.
             return Load(b"", store=False, unstored=response)
         vary = {
-            name: policy.normalize_variant_value(name, outbound.get(name))
+            name: policy.normalize_variant_value(
+                name, policy.selecting_value(name, outbound, client_headers)
+            )
             for name in policy.vary_header_names(response.headers)
         }
+        headers = filter_response_headers(response.headers, self._base_url, self._hidden)
+        if policy.first_header(headers, "date") is None:
+            # Stored with the time it was received, which every later hit repeats, rather than
+            # a new Date per answer that would make a stored copy look new (RFC 9110 6.6.1).
+            headers.append(("date", email.utils.formatdate(response_time, usegmt=True)))
         entry = HttpEntry(
             status=response.status,
-            headers=tuple(filter_response_headers(response.headers, self._base_url, self._hidden)),
+            headers=tuple(headers),
             body=response.body,
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,
@@ -310,7 +338,7 @@ class ProxyCache:
             response_time=response_time,
             initial_age_s=fresh.initial_age_s,
         )
-        if policy.unstorable_reason(stale.status, raw, len(stale.body)):
+        if policy.unstorable_reason(stale.status, raw, len(stale.body), self._targeted):
             # The upstream now forbids storing it (no-store, private, ...): serve it this once.
             return Load(entry.encode(), store=False)
         return _load_for(entry, fresh, revalidated=True)
@@ -322,6 +350,7 @@ class ProxyCache:
         query: str,
         forwarded: Mapping[str, str],
         prefetched: Prefetched | None,
+        client_headers: Sequence[tuple[str, str]],
     ) -> Served:
         """HEAD is answered from a fresh stored GET response; otherwise it goes upstream."""
         if prefetched is not None and prefetched.key == key:
@@ -333,7 +362,7 @@ class ProxyCache:
                 stored = None
         if stored is not None and time.time() < stored.fresh_until:
             entry = HttpEntry.read(stored.value)
-            if entry is not None and entry.matches(forwarded):
+            if entry is not None and entry.matches(forwarded, client_headers):
                 age = entry.age_s(time.time())
                 headers = self._stored_headers(entry)
                 return Served(entry.status, headers, entry.body, Outcome.HIT, age, key)
@@ -359,9 +388,20 @@ class ProxyCache:
         self, response: UpstreamResponse, outcome: Outcome, key: str | None
     ) -> Served:
         headers = filter_response_headers(response.headers, self._base_url, self._hidden)
+        age = _upstream_age(response)
         if response.complete:
-            return Served(response.status, headers, response.body, outcome, None, key, response)
-        return Served(response.status, headers, b"", outcome, None, key, response, response)
+            return Served(response.status, headers, response.body, outcome, age, key, response)
+        return Served(response.status, headers, b"", outcome, age, key, response, response)
+
+
+def _upstream_age(response: UpstreamResponse) -> int | None:
+    """The upstream's own Age, passed on with an answer that is not stored (RFC 9111 section
+    5.1); an invalid one is dropped."""
+    value = response.header("age")
+    if value is None:
+        return None
+    value = value.strip()
+    return int(value) if value.isdigit() else None
 
 
 def _load_for(entry: HttpEntry, fresh: policy.Freshness, *, revalidated: bool = False) -> Load:

@@ -5,6 +5,7 @@ the Redis key of a response variant. Pure functions: no I/O."""
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import email.utils
 import functools
 import hashlib
@@ -51,6 +52,36 @@ def parse_cache_control(values: Iterable[str]) -> dict[str, str | None]:
     return directives
 
 
+# A member of a Structured Fields Dictionary (RFC 8941) as targeted fields use them: a key,
+# optionally an integer, token or string, optionally parameters.
+_SF_MEMBER = re.compile(
+    r'[a-z*][a-z0-9_.*-]*(?:=(?:-?\d{1,15}|"(?:[^"\\]|\\["\\])*"|[A-Za-z*][^,;\s"]*))?(?:;[^,]*)?'
+)
+
+
+def targeted_fields(settings: Settings) -> tuple[str, ...]:
+    """The targeted cache-control fields this cache obeys (RFC 9213), most specific first: the
+    gateway's own, then CDN-Cache-Control."""
+    own = (settings.cache_control_field,) if settings.cache_control_field else ()
+    return own + (("cdn-cache-control",) if settings.cache_cdn_control else ())
+
+
+def control_directives(
+    headers: Sequence[tuple[str, str]], targeted: Sequence[str] = ()
+) -> dict[str, str | None]:
+    """The directives this cache follows: those of the first targeted field present and valid,
+    which then replaces Cache-Control entirely for this cache (RFC 9213 section 2.1); else
+    Cache-Control's. A targeted field that is not a valid dictionary is ignored."""
+    for name in targeted:
+        values = header_values(headers, name)
+        if not values:
+            continue
+        members = [member.strip() for value in values for member in value.split(",")]
+        if all(_SF_MEMBER.fullmatch(member) for member in members):
+            return parse_cache_control(values)
+    return parse_cache_control(header_values(headers, "cache-control"))
+
+
 def delta_seconds(directives: Mapping[str, str | None], name: str) -> int | None:
     """A directive's non-negative integer argument, or None when absent or malformed."""
     raw = directives.get(name)
@@ -67,6 +98,54 @@ def http_date(value: str | None) -> float | None:
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if parsed.tzinfo is None:
+        return None
+    return parsed.timestamp()
+
+
+_DAY_NAMES = "Mon|Tue|Wed|Thu|Fri|Sat|Sun"
+_LONG_DAY_NAMES = "Monday|Tuesday|Wednesday|Thursday|Friday|Saturday|Sunday"
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTH = "(" + "|".join(_MONTHS) + ")"
+_TIME = r"(\d\d):(\d\d):(\d\d)"
+# The three HTTP-date forms of RFC 9110 section 5.6.7, exactly as written there (names are
+# case-sensitive, one space between parts, always GMT).
+_IMF_FIXDATE = re.compile(rf"(?:{_DAY_NAMES}), (\d\d) {_MONTH} (\d{{4}}) {_TIME} GMT")
+_RFC850_DATE = re.compile(rf"(?:{_LONG_DAY_NAMES}), (\d\d)-{_MONTH}-(\d\d) {_TIME} GMT")
+_ASCTIME_DATE = re.compile(rf"(?:{_DAY_NAMES}) {_MONTH} ([ \d]\d) {_TIME} (\d{{4}})")
+
+
+def strict_http_date(value: str | None) -> float | None:
+    """An HTTP-date in one of its three exact forms, or None for anything else: an Expires
+    that is not one means "already expired" (RFC 9111 section 5.3), so a lenient reading of a
+    malformed value would make a response fresh that is not."""
+    if not value:
+        return None
+    value = value.strip(" \t")
+    if match := _IMF_FIXDATE.fullmatch(value):
+        day, month, year, hour, minute, second = match.groups()
+    elif match := _RFC850_DATE.fullmatch(value):
+        day, month, short_year, hour, minute, second = match.groups()
+        # Two-digit years: the one that is not more than 50 years in the future (section 5.6.7).
+        this_year = datetime.datetime.now(datetime.UTC).year
+        year_number = this_year - this_year % 100 + int(short_year)
+        if year_number > this_year + 50:
+            year_number -= 100
+        year = str(year_number)
+    elif match := _ASCTIME_DATE.fullmatch(value):
+        month, day, hour, minute, second, year = match.groups()
+    else:
+        return None
+    try:
+        parsed = datetime.datetime(
+            int(year),
+            _MONTHS.index(month) + 1,
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            tzinfo=datetime.UTC,
+        )
+    except ValueError:  # 31 Feb, 25:00, ...
         return None
     return parsed.timestamp()
 
@@ -211,12 +290,13 @@ class Freshness:
 
 
 def unstorable_reason(
-    status: int, headers: Sequence[tuple[str, str]], body_size: int
+    status: int, headers: Sequence[tuple[str, str]], body_size: int, targeted: Sequence[str] = ()
 ) -> str | None:
-    """Why a response to a GET must not be stored, or None when it may be."""
+    """Why a response to a GET must not be stored, or None when it may be (``targeted``: from
+    ``targeted_fields``)."""
     if not 200 <= status < 300 or status in UNCACHEABLE_2XX:
         return "status"
-    directives = parse_cache_control(header_values(headers, "cache-control"))
+    directives = control_directives(headers, targeted)
     if "no-store" in directives:
         return "no-store"
     if "private" in directives:
@@ -236,6 +316,19 @@ def vary_header_names(headers: Sequence[tuple[str, str]]) -> list[str]:
         v.strip().lower() for value in header_values(headers, "vary") for v in value.split(",")
     }
     return sorted(name for name in names if name and name != "*")
+
+
+def selecting_value(
+    name: str, forwarded: Mapping[str, str], client_headers: Sequence[tuple[str, str]]
+) -> str | None:
+    """The request's value of a header named by Vary (RFC 9111 section 4.1): the forwarded one,
+    else what the client sent (lower-cased names, several lines combined), so that a response
+    varying on a header the gateway does not forward is still matched on it."""
+    value = forwarded.get(name)
+    if value is not None or not client_headers:
+        return value
+    values = [item for header, item in client_headers if header == name]
+    return ", ".join(values) if values else None
 
 
 def has_validator(headers: Sequence[tuple[str, str]]) -> bool:
@@ -260,7 +353,7 @@ def freshness(
             stale_if_error_s=default_stale_s,
             always_revalidate=False,
         )
-    directives = parse_cache_control(header_values(headers, "cache-control"))
+    directives = control_directives(headers, targeted_fields(settings))
     date_value = http_date(first_header(headers, "date"))
     s_maxage = delta_seconds(directives, "s-maxage")
     max_age = delta_seconds(directives, "max-age")
@@ -270,7 +363,7 @@ def freshness(
     elif max_age is not None:
         lifetime = max_age
     elif first_header(headers, "expires") is not None:
-        expires = http_date(first_header(headers, "expires"))
+        expires = strict_http_date(first_header(headers, "expires"))
         # An invalid Expires (such as "0") means already expired.
         lifetime = max(0.0, expires - (date_value or response_time)) if expires else 0.0
     else:

@@ -77,6 +77,42 @@ def test_invalid_expires_means_already_expired(expires: str) -> None:
     assert fresh([("expires", expires)]).lifetime_s == 0
 
 
+@pytest.mark.parametrize(
+    "expires",
+    [
+        "Thu, 18 Aug 50 02:01:18 GMT",  # two-digit year
+        "Thu 18 Aug 2050 02:01:18 GMT",  # no comma
+        "Thu, 18  Aug  2050 02:01:18 GMT",  # extra spaces
+        "Thu, 18-Aug-2050 02:01:18 GMT",  # dashes outside the RFC 850 form
+        "Thu, 18 Aug 2050 02.01.18 GMT",  # periods in the time
+        "Thu, 18 Aug 2050 2:01:18 GMT",  # one-digit hour
+        "Thu, 18 Aug 2050\r\n 02:01:18 GMT",  # folded over two lines
+        "Thu, 18 Aug 2050 02:01:18 UTC",  # a zone other than GMT
+        "Thu, 18 Aug 2050 02:01:18 +0000",
+        "THU, 18 Aug 2050 02:01:18 GMT",  # names are case-sensitive
+        "Thu, 18 AUG 2050 02:01:18 GMT",
+        "Thu, 31 Feb 2050 02:01:18 GMT",  # no such day
+    ],
+)
+def test_an_expires_that_is_no_http_date_means_already_expired(expires: str) -> None:
+    """RFC 9111 section 5.3: an invalid Expires represents a time in the past."""
+    assert fresh([("expires", expires), ("date", date())]).lifetime_s == 0
+
+
+@pytest.mark.parametrize(
+    "expires",
+    [
+        "Thu, 18 Aug 2050 02:01:18 GMT",
+        "Thursday, 18-Aug-50 02:01:18 GMT",  # RFC 850 form
+        "Thu Aug 18 02:01:18 2050",  # asctime form
+    ],
+)
+def test_every_http_date_form_of_expires_is_understood(expires: str) -> None:
+    """RFC 9110 section 5.6.7: recipients accept all three HTTP-date forms."""
+    assert policy.strict_http_date(expires) == 2544400878.0
+    assert fresh([("expires", expires), ("date", date())]).lifetime_s > 0
+
+
 def test_without_freshness_information_the_default_ttl_applies() -> None:
     assert fresh([], cache_ttl_default_s=42).lifetime_s == 42
     assert fresh([], cache_ttl_default_s=0).lifetime_s == 0
@@ -252,3 +288,26 @@ def test_added_forwarded_headers_always_select_the_variant_exactly() -> None:
     assert acme == policy.cache_key("/t", "", {"x-tenant": " acme "}, added)
     # Without added names the key is what it always was.
     assert policy.cache_key("/t", "", {"x-tenant": "acme"}) == policy.cache_key("/t", "", {})
+
+
+def test_targeted_cache_control_replaces_cache_control_most_specific_first() -> None:
+    """RFC 9213 section 2.1: the first targeted field present and valid replaces Cache-Control
+    for the caches it targets; the gateway's own field comes before CDN-Cache-Control."""
+    base = [("cache-control", "no-store"), ("date", date())]
+    cdn = [*base, ("cdn-cache-control", "max-age=600")]
+    own = [*cdn, ("gateway-cache-control", "max-age=30")]
+    assert policy.unstorable_reason(200, base, 10, ("cdn-cache-control",)) == "no-store"
+    assert policy.unstorable_reason(200, cdn, 10, ("cdn-cache-control",)) is None
+    assert fresh(cdn).lifetime_s == 600
+    assert fresh(own).lifetime_s == 30
+    assert fresh(cdn, cache_cdn_control=False).lifetime_s == 300  # the default: no max-age
+    assert fresh(own, cache_control_field="").lifetime_s == 600
+    forbidding = [("cache-control", "max-age=600"), ("cdn-cache-control", "private")]
+    assert policy.unstorable_reason(200, forbidding, 10, ("cdn-cache-control",)) == "private"
+
+
+@pytest.mark.parametrize("value", ["max-age=600, Private", "max-age=6o0 x", '"max-age"=5'])
+def test_an_invalid_targeted_field_is_ignored(value: str) -> None:
+    """RFC 9213 section 2.1: a targeted field that fails to parse as a dictionary is ignored."""
+    headers = [("cache-control", "max-age=5"), ("cdn-cache-control", value)]
+    assert fresh(headers).lifetime_s == 5

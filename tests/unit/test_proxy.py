@@ -5,7 +5,9 @@ The same behaviours run against the real service in integration/."""
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Iterable
+from email.utils import formatdate
 
 import pytest
 from flask import Flask
@@ -449,7 +451,8 @@ def test_upstream_copies_of_the_gateways_own_headers_never_override_them(
     assert response.headers.getlist("x-request-id") == ["mine-1"]
     assert len(response.headers.getlist("x-ratelimit-remaining")) == 1
     assert response.headers["x-ratelimit-remaining"] != "999"
-    assert "age" not in response.headers
+    # Not stored, so the gateway adds no age of its own: the upstream's passes, once.
+    assert response.headers.getlist("age") == ["1000"]
 
 
 def test_operator_hidden_response_headers_never_reach_the_client(upstream: StubUpstream) -> None:
@@ -535,3 +538,173 @@ def test_a_refused_body_type_gets_415_naming_the_allowed_types(
     assert response.json["allowed"] == ["application/json", "application/*+json"]
     assert "application/json" in response.json["message"]
     assert not upstream.received
+
+
+def vary_reply(*extra: tuple[str, str], vary: str = "Foo, Bar, Baz") -> Reply:
+    return Reply(headers=(("cache-control", "max-age=600"), ("vary", vary), *extra))
+
+
+@pytest.mark.parametrize("forwarded", [("foo", "bar", "baz"), ()])
+def test_a_vary_on_several_headers_selects_on_all_of_them_in_any_order(
+    upstream: StubUpstream, forwarded: tuple[str, ...]
+) -> None:
+    """RFC 9111 section 4.1: every header Vary names must match, whether or not the gateway
+    forwards it, and the order of the names or of the request's headers does not matter."""
+    app = fake_redis_app(upstream_base_url=upstream.url, proxy_forward_request_headers=forwarded)
+    client = keyed_client(app)
+    upstream.reply("/v", vary_reply(vary="Foo, Bar, Baz"))
+    upstream.reply("/w", vary_reply(vary="Baz,Foo , Bar"))
+    for path in ("/api/v1/v", "/api/v1/w"):
+        first = client.get(path, headers={"Foo": "1", "Bar": "abc4", "Baz": "789"})
+        other = client.get(path, headers={"Foo": "1", "Bar": "abc", "Baz": "789"})
+        reordered = client.get(path, headers=[("Baz", "789"), ("Bar", "abc"), ("Foo", "1")])
+        omitted = client.get(path, headers={"Foo": "1", "Baz": "789"})
+        outcomes = [r.headers["x-cache"] for r in (first, other, reordered, omitted)]
+        assert outcomes == ["MISS", "MISS", "HIT", "MISS"], (path, forwarded)
+
+
+def test_a_stale_response_varying_on_a_forwarded_custom_header_is_revalidated_with_it(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9111 sections 4.1 and 4.3.1: the conditional request carries the selecting header
+    and the stored validator; the 304 makes the stored body usable again."""
+    app = fake_redis_app(
+        upstream_base_url=upstream.url,
+        proxy_forward_request_headers=("abc",),
+        cache_ttl_default_s=0,
+    )
+    client = keyed_client(app)
+    upstream.reply(
+        "/v",
+        Reply(
+            body=b"stored",
+            headers=(("cache-control", "max-age=0"), ("etag", '"e1"'), ("vary", "Abc")),
+        ),
+        Reply(status=304, body=b"", headers=(("cache-control", "max-age=600"), ("etag", '"e1"'))),
+    )
+    client.get("/api/v1/v", headers={"Abc": "123"})
+    second = client.get("/api/v1/v", headers={"Abc": "123"})
+    sent = sent_request(upstream)
+    assert (sent.header("abc"), sent.header("if-none-match")) == ("123", '"e1"')
+    assert (second.status_code, second.data) == (200, b"stored")
+    assert second.headers["x-cache"] == "REVALIDATED"
+    conditional = client.get("/api/v1/v", headers={"Abc": "123", "If-None-Match": '"e1"'})
+    assert (conditional.status_code, conditional.headers["x-cache"]) == (304, "HIT")
+
+
+def test_the_upstreams_age_is_passed_on_and_counts_against_freshness(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9111 sections 4.2.3 and 5.1: a response aged 30 s by the upstream arrives with that
+    age, which is taken off its freshness lifetime."""
+    app = fake_redis_app(upstream_base_url=upstream.url, cache_ttl_default_s=0)
+    client = keyed_client(app)
+    upstream.reply("/young", Reply(headers=(("cache-control", "max-age=60"), ("age", "30"))))
+    upstream.reply("/old", Reply(headers=(("cache-control", "max-age=20"), ("age", "30"))))
+    upstream.reply("/private", Reply(headers=(("cache-control", "no-store"), ("age", "7"))))
+    upstream.reply("/own", Reply(headers=(("cache-control", "max-age=60"),)))
+    miss, hit = client.get("/api/v1/young"), client.get("/api/v1/young")
+    assert (miss.headers["x-cache"], hit.headers["x-cache"]) == ("MISS", "HIT")
+    assert 30 <= int(miss.headers["age"]) <= 31
+    assert 30 <= int(hit.headers["age"]) <= 31
+    old = [client.get("/api/v1/old") for _ in range(2)]
+    assert [int(answer.headers["age"]) for answer in old] == [30, 30]
+    assert len(upstream.calls("/old")) == 2  # already stale on arrival: never served from cache
+    assert client.get("/api/v1/private").headers["age"] == "7"
+    assert "age" not in client.get("/api/v1/own").headers  # a fresh answer of the origin's own
+
+
+def test_a_stored_response_keeps_its_date_and_a_304_updates_the_fields_it_carries(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9110 section 6.6.1 (a Date added once, when received) and RFC 9111 section 4.3.4 (a
+    304 replaces the stored header fields it carries; the others and the body stay)."""
+    app = fake_redis_app(upstream_base_url=upstream.url, cache_ttl_default_s=0)
+    client = keyed_client(app)
+    upstream.reply("/undated", Reply(headers=(("cache-control", "max-age=600"),)))
+    miss = client.get("/api/v1/undated")
+    time.sleep(1.1)
+    hit = client.get("/api/v1/undated")
+    assert hit.headers["x-cache"] == "HIT"
+    assert hit.headers["date"] == miss.headers["date"]
+
+    old_date, new_date = formatdate(time.time() - 5, usegmt=True), formatdate(usegmt=True)
+    upstream.reply(
+        "/updated",
+        Reply(
+            body=b"body",
+            headers=(
+                ("cache-control", "max-age=0"),
+                ("etag", '"e1"'),
+                ("date", old_date),
+                ("test-header", "A"),
+                ("content-type", "text/plain"),
+                ("x-kept", "k"),
+            ),
+        ),
+        Reply(
+            status=304,
+            body=b"",
+            headers=(
+                ("cache-control", "max-age=600"),
+                ("etag", '"e1"'),
+                ("date", new_date),
+                ("test-header", "B"),
+                ("content-type", "text/plain;charset=utf-8"),
+            ),
+        ),
+    )
+    client.get("/api/v1/updated")
+    revalidated = client.get("/api/v1/updated")
+    stored = client.get("/api/v1/updated")
+    assert [r.headers["x-cache"] for r in (revalidated, stored)] == ["REVALIDATED", "HIT"]
+    for answer in (revalidated, stored):
+        assert answer.data == b"body"
+        assert answer.headers["test-header"] == "B"
+        assert answer.headers["content-type"] == "text/plain;charset=utf-8"
+        assert answer.headers["date"] == new_date
+        assert answer.headers["x-kept"] == "k"
+        assert answer.headers["cache-control"] == "max-age=600"
+
+
+def test_the_gateways_own_cache_control_field_rules_and_stays_in_the_gateway(
+    upstream: StubUpstream,
+) -> None:
+    """RFC 9213: Gateway-Cache-Control targets this cache alone; CDN-Cache-Control passes on."""
+    app = fake_redis_app(upstream_base_url=upstream.url, cache_ttl_default_s=0)
+    client = keyed_client(app)
+    upstream.reply(
+        "/t",
+        Reply(
+            headers=(
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "no-store"),
+                ("gateway-cache-control", "max-age=600"),
+            )
+        ),
+    )
+    answers = [client.get("/api/v1/t") for _ in range(2)]
+    assert [a.headers["x-cache"] for a in answers] == ["MISS", "HIT"]
+    for answer in answers:
+        assert "gateway-cache-control" not in answer.headers
+        assert answer.headers["cdn-cache-control"] == "no-store"
+        assert answer.headers["cache-control"] == "no-store"
+
+
+def test_interim_responses_from_the_upstream_are_skipped(upstream: StubUpstream) -> None:
+    """RFC 9110 section 15.2: 102 Processing and 103 Early Hints come before the final answer,
+    which is the one passed on (and stored)."""
+    upstream.reply(
+        "/slow",
+        Reply(
+            raw=b"HTTP/1.1 102 Processing\r\n\r\n"
+            b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\nCache-Control: max-age=60\r\n"
+            b"X-Final: yes\r\n\r\ndone"
+        ),
+    )
+    client = keyed_client(fake_redis_app(upstream_base_url=upstream.url))
+    first, second = client.get("/api/v1/slow"), client.get("/api/v1/slow")
+    assert (first.status_code, first.data, first.headers["x-final"]) == (200, b"done", "yes")
+    assert "link" not in first.headers
+    assert (second.headers["x-cache"], second.data) == ("HIT", b"done")
