@@ -59,6 +59,19 @@ _SF_MEMBER = re.compile(
 )
 
 
+_SF_INTEGER = re.compile(r"-?[0-9]{1,15}")
+_INTEGER_DIRECTIVES = frozenset({"max-age", "s-maxage", "stale-while-revalidate", "stale-if-error"})
+
+
+def _right_type(member: str) -> bool:
+    """Whether a targeted field's member gives a directive that takes seconds an integer
+    (``max-age="60"`` is a string: the field is invalid, RFC 9213 section 2.1)."""
+    key, has_value, value = member.partition(";")[0].partition("=")
+    if key.lower() not in _INTEGER_DIRECTIVES:
+        return True
+    return bool(has_value) and _SF_INTEGER.fullmatch(value.strip()) is not None
+
+
 def targeted_fields(settings: Settings) -> tuple[str, ...]:
     """The targeted cache-control fields this cache obeys (RFC 9213), most specific first: the
     gateway's own, then CDN-Cache-Control."""
@@ -77,7 +90,7 @@ def control_directives(
         if not values:
             continue
         members = [member.strip() for value in values for member in value.split(",")]
-        if all(_SF_MEMBER.fullmatch(member) for member in members):
+        if all(_SF_MEMBER.fullmatch(member) and _right_type(member) for member in members):
             return parse_cache_control(values)
     return parse_cache_control(header_values(headers, "cache-control"))
 
@@ -394,7 +407,9 @@ def freshness(
     )
 
     age_header = first_header(headers, "age")
-    age_value = int(age_header) if age_header and age_header.strip().isdigit() else 0
+    # A line listing several values ("7200, 0") counts by its first, as a second line would not.
+    first_age = age_header.split(",", 1)[0].strip() if age_header else ""
+    age_value = int(first_age) if first_age.isdigit() else 0
     apparent_age = max(0.0, response_time - date_value) if date_value else 0.0
     corrected_age = age_value + max(0.0, response_time - request_time)
     return Freshness(

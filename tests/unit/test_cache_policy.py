@@ -139,6 +139,19 @@ def test_age_header_and_transit_time_add_to_the_initial_age() -> None:
     assert result.fresh_for_s == 43
 
 
+def test_an_age_line_listing_several_values_counts_by_the_first() -> None:
+    """RFC 9111 section 5.1: Age is a single delta-seconds; "7200, 0" is read as its first value
+    (as a second Age line would be ignored), so the response arrives stale."""
+    result = policy.freshness(
+        [("cache-control", "max-age=3600"), ("age", "7200, 0")],
+        Settings(),
+        request_time=NOW,
+        response_time=NOW,
+    )
+    assert result.initial_age_s == 7200
+    assert result.fresh_for_s == 0
+
+
 def test_no_cache_means_always_revalidate() -> None:
     result = fresh([("cache-control", "no-cache, max-age=60")])
     assert result.lifetime_s == 0
@@ -306,8 +319,12 @@ def test_targeted_cache_control_replaces_cache_control_most_specific_first() -> 
     assert policy.unstorable_reason(200, forbidding, 10, ("cdn-cache-control",)) == "private"
 
 
-@pytest.mark.parametrize("value", ["max-age=600, Private", "max-age=6o0 x", '"max-age"=5'])
+@pytest.mark.parametrize(
+    "value",
+    ["max-age=600, Private", "max-age=6o0 x", '"max-age"=5', 'max-age="600"', "s-maxage"],
+)
 def test_an_invalid_targeted_field_is_ignored(value: str) -> None:
-    """RFC 9213 section 2.1: a targeted field that fails to parse as a dictionary is ignored."""
+    """RFC 9213 section 2.1: a targeted field that fails to parse as a dictionary, or gives a
+    directive that takes seconds a value of another type, is ignored."""
     headers = [("cache-control", "max-age=5"), ("cdn-cache-control", value)]
     assert fresh(headers).lifetime_s == 5
