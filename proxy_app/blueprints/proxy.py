@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import orjson
 from flask import Blueprint, Response, g, request
+from werkzeug.datastructures import Headers
 from werkzeug.routing import PathConverter
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import WSGIEnvironment
 
 from proxy_app import services
 from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
@@ -140,6 +145,27 @@ class UpstreamAnswer(Response):
     upstream sent none."""
 
     default_mimetype = None
+
+    def get_wsgi_headers(self, environ: WSGIEnvironment) -> Headers:
+        """The headers as they are. werkzeug's version copies them to make a relative Location
+        absolute (off: ``autocorrect_location_header`` is False), to percent-encode IRIs in
+        Location (these came over HTTP, so they are URIs already) and to count a body given as
+        bytes for its content-length (counted already when it was set); what it does for
+        bodiless statuses is still done by it."""
+        status = self.status_code
+        if status < 200 or status in (204, 304):
+            return super().get_wsgi_headers(environ)
+        return self.headers
+
+    def get_app_iter(self, environ: WSGIEnvironment) -> Iterable[bytes]:
+        """A body held in memory goes to the server as it is; werkzeug would wrap it in a
+        generator and a closing iterator, needed only for a streamed body."""
+        if self.is_streamed:
+            return super().get_app_iter(environ)
+        status = self.status_code
+        if environ["REQUEST_METHOD"] == "HEAD" or status < 200 or status in (204, 304):
+            return ()
+        return self.response  # type: ignore[return-value]
 
 
 def client_response(served: Served, method: str) -> Response:
