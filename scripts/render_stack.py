@@ -27,6 +27,12 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The app's own settings schema judges the app's environment: one source of truth, so a
+# rendered stack never starts tasks that refuse their settings and crash-loop.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from proxy_app.settings import SettingsError, load_settings  # noqa: E402
+
 DEFAULT_TEMPLATE = REPO_ROOT / "deploy" / "stack.template.yml"
 DEFAULT_PROJECT_FILE = REPO_ROOT / "deploy" / ".quantum"
 STACK_FILE_NAME = "stack.yml"
@@ -48,7 +54,6 @@ CPUS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 MEMORY = re.compile(r"^[0-9]+[KMG]$")
 REDIS_MEMORY = re.compile(r"^[0-9]+(kb|mb|gb)$")
 PLACEMENT = re.compile(r"^node\.(labels\.[A-Za-z0-9_.-]+|hostname|id) ?== ?[A-Za-z0-9_.-]+$")
-DEPLOY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 DEFAULT_REDIS_IMAGE = (
     "redis:7.4.5-alpine@sha256:bb186d083732f669da90be8b0f975a37812b15e913465bb14d845db72a4e3e08"
 )
@@ -93,11 +98,6 @@ def _image(value: str) -> str | None:
 
 def _host(value: str) -> str | None:
     return None if HOSTNAME.match(value) else "is not a lower-case DNS host name"
-
-
-def _url(value: str) -> str | None:
-    ok = re.match(r"^https?://[^\s/$.?#][^\s]*$", value) is not None
-    return None if ok else "is not an http(s) URL"
 
 
 def _stack(value: str) -> str | None:
@@ -145,13 +145,11 @@ def _no_backtick(value: str) -> str | None:
     return "must not contain backticks or newlines" if re.search(r"[`\n\r]", value) else None
 
 
-_BOOL = _choice("true", "false")
-
 VARIABLES: tuple[Variable, ...] = (
     Variable("APP_IMAGE", required=True, validate=_image, help="immutable app image"),
     Variable("APP_HOST", required=True, validate=_host, help="public host name (Traefik rule)"),
     Variable("QUANTUM_STACK", required=True, validate=_stack, help="stack and router name"),
-    Variable("HTTP_CLIENT_BASE_URL", required=True, validate=_url, help="upstream origin"),
+    Variable("HTTP_CLIENT_BASE_URL", required=True, help="upstream origin"),
     Variable("ADMIN_API_TOKEN", required=True, secret=True, help="admin bearer token"),
     Variable("HTTP_CLIENT_API_KEY", secret=True, help="upstream api_key header"),
     Variable("APP_VERSION", help="git SHA shown as image revision label"),
@@ -178,28 +176,26 @@ VARIABLES: tuple[Variable, ...] = (
         ),
         help="pins Redis to the node that holds its volume",
     ),
-    Variable(
-        "DEPLOY_ID",
-        validate=_pattern(DEPLOY_ID, "letters, digits, '-', '_' or '.'"),
-        help="reported by /health as deployment",
-    ),
+    Variable("DEPLOY_ID", help="reported by /health as deployment"),
     Variable("TRAEFIK_NETWORK", default="public", validate=_stack),
     Variable("TRAEFIK_CERT_RESOLVER", default="le", validate=_stack),
     Variable("TRAEFIK_HTTP_ENTRYPOINT", default="http", validate=_stack),
     Variable("TRAEFIK_HTTPS_ENTRYPOINT", default="https", validate=_stack),
-    Variable("LOG_LEVEL", default="info", validate=_choice("debug", "info", "warning", "error")),
-    Variable("WEB_CONCURRENCY", default="2", validate=_int_range(1, 64)),
-    Variable("HTTP_CLIENT_TIMEOUT", default="10000", validate=_int_range(1)),
-    Variable("HTTP_CLIENT_RETRIES", default="2", validate=_int_range(0, 10)),
-    Variable("PROXY_BODY_LIMIT", default="1048576", validate=_int_range(1)),
-    Variable("CACHE_TTL_DEFAULT", default="300", validate=_int_range(0)),
-    Variable("CACHE_STALE_TTL", default="60", validate=_int_range(0)),
-    Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false", validate=_BOOL),
-    Variable("CACHE_BYPASS_PATHS", default="", validate=_no_backtick),
-    Variable("CACHE_DEBUG", default="false", validate=_BOOL),
-    Variable("API_KEYS_REDIS_PREFIX", default="api-keys", validate=_no_backtick),
-    Variable("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", default="60", validate=_int_range(1)),
-    Variable("API_KEYS_RATE_LIMIT_MAX_REQUESTS", default="120", validate=_int_range(1)),
+    # The app's settings below: passed through as given and judged by the app's schema
+    # (see app_environment_problems), never by rules of the render's own.
+    Variable("LOG_LEVEL", default="info"),
+    Variable("WEB_CONCURRENCY", default="2"),
+    Variable("HTTP_CLIENT_TIMEOUT", default="10000"),
+    Variable("HTTP_CLIENT_RETRIES", default="2"),
+    Variable("PROXY_BODY_LIMIT", default="1048576"),
+    Variable("CACHE_TTL_DEFAULT", default="300"),
+    Variable("CACHE_STALE_TTL", default="60"),
+    Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false"),
+    Variable("CACHE_BYPASS_PATHS", default=""),
+    Variable("CACHE_DEBUG", default="false"),
+    Variable("API_KEYS_REDIS_PREFIX", default="api-keys"),
+    Variable("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", default="60"),
+    Variable("API_KEYS_RATE_LIMIT_MAX_REQUESTS", default="120"),
 )
 VARIABLES_BY_NAME = {variable.name: variable for variable in VARIABLES}
 
@@ -296,6 +292,25 @@ def render(template_text: str, values: Mapping[str, str | None]) -> dict[str, ob
     return rendered
 
 
+def app_environment(rendered: Mapping[str, object]) -> dict[str, str]:
+    """The environment the app's tasks get from the rendered stack, as the app reads it."""
+    services = rendered.get("services")
+    app = services.get("app") if isinstance(services, dict) else None
+    environment = app.get("environment") if isinstance(app, dict) else None
+    if not isinstance(environment, dict):
+        raise RenderError(["template: services.app.environment is not a mapping"])
+    # Swarm turns the escaped `$$` back into `$` when it interpolates the stack file.
+    return {str(name): str(value).replace("$$", "$") for name, value in environment.items()}
+
+
+def check_app_settings(rendered: Mapping[str, object]) -> None:
+    """Raise RenderError with the app's own complaints when its tasks would refuse to start."""
+    try:
+        load_settings(app_environment(rendered))
+    except SettingsError as error:
+        raise RenderError([f"app setting {problem}" for problem in error.problems]) from None
+
+
 def write_project(
     rendered: Mapping[str, object], project_file: Path, output_dir: Path | None
 ) -> Path:
@@ -345,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values = resolve(os.environ)
         rendered = render(args.template.read_text(encoding="utf-8"), values)
+        check_app_settings(rendered)
     except RenderError as error:
         print("render_stack: cannot render the stack:", file=sys.stderr)
         for problem in error.problems:

@@ -11,7 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
+
+from proxy_app.settings import SettingsError, load_settings
+from tests.support.gateway import Gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RENDER = REPO_ROOT / "scripts" / "render_stack.py"
@@ -225,3 +229,77 @@ def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     assert config["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$word"
+
+
+# -- the app's own settings schema judges the app's environment ------------------------------
+
+
+def rendered_app_environment(document: dict[str, Any]) -> dict[str, str]:
+    """What a task's environment holds once Swarm has interpolated the stack file."""
+    environment = document["services"]["app"]["environment"]
+    return {name: str(value).replace("$$", "$") for name, value in environment.items()}
+
+
+# Each of these once rendered fine and then crash-looped every task at start-up.
+APP_REFUSES = [
+    ("HTTP_CLIENT_BASE_URL", "https://upstream.example.com/v2?tenant=1"),
+    ("HTTP_CLIENT_BASE_URL", "https://user:pw@upstream.example.com"),
+    ("CACHE_BYPASS_PATHS", "/auth,users/me"),
+    ("API_KEYS_REDIS_PREFIX", "api keys"),
+    ("API_KEYS_REDIS_PREFIX", "x" * 65),
+    ("HTTP_CLIENT_TIMEOUT", "600001"),
+    ("PROXY_BODY_LIMIT", str(100 * 1024 * 1024 + 1)),
+    ("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", "86401"),
+    ("LOG_LEVEL", "verbose"),
+    ("CACHE_DEBUG", "maybe"),
+    ("DEPLOY_ID", "run 7"),
+]
+# And these the render used to refuse although the app takes them.
+APP_ACCEPTS = [
+    ("PROXY_BODY_LIMIT", "0"),
+    ("HTTP_CLIENT_TIMEOUT", "600000"),
+    ("API_KEYS_REDIS_PREFIX", "tenant:api-keys.v2"),
+    ("CACHE_BYPASS_PATHS", "/api/v1/auth, /users/me"),
+    ("CACHE_DEBUG", "1"),
+    ("LOG_LEVEL", "WARNING"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), APP_REFUSES, ids=lambda v: str(v)[:24])
+def test_settings_the_app_refuses_are_refused_by_the_render_with_the_apps_reason(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    result = run_render(sample_env(**{name: value}), tmp_path / "out")
+    assert result.returncode == 2, result.stdout
+    assert f"app setting {name}=" in result.stderr
+    assert not (tmp_path / "out" / "stack.yml").exists()
+    # The reverse direction: the app, given what the stack would have set, refuses it too.
+    document, _, _ = render_ok(tmp_path)
+    environment = {**rendered_app_environment(document), name: value}
+    with pytest.raises(SettingsError):
+        load_settings(environment)
+
+
+@pytest.mark.parametrize(("name", "value"), APP_ACCEPTS, ids=lambda v: str(v)[:24])
+def test_settings_the_app_accepts_render_and_load_in_the_app(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    document, _, _ = render_ok(tmp_path, **{name: value})
+    environment = rendered_app_environment(document)
+    assert environment[name] == value
+    load_settings(environment)
+
+
+def test_the_app_starts_with_exactly_the_rendered_environment(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, PROXY_BODY_LIMIT="0", ADMIN_API_TOKEN="pa$$word")
+    environment = rendered_app_environment(document)
+    # Only where it listens and how long it drains differ from a task: a test must not wait
+    # out the 20 s drain. Redis (the stack's service name) is not reachable here; the app
+    # still starts and reports itself live, as a task does before Redis answers.
+    environment.pop("PORT")
+    environment["SHUTDOWN_DRAIN_SECONDS"] = "0"
+    gateway = Gateway(environment).start()
+    try:
+        assert requests.get(f"{gateway.url}/health/live", timeout=5).status_code == 200
+    finally:
+        assert gateway.terminate() == 0
