@@ -66,17 +66,25 @@ class Behaviour:
     keyed_status: int = 200
     anonymous_status: int = 401
     broken_everywhere: bool = False  # the statuses above apply to every version, not the new
+    # Once the fake CLI has deployed, /health answers this "version [deployment]" instead.
+    after_deploy: str | None = None
+    log_file: Path | None = None
     requests: list[str] = field(default_factory=list)
+
+    def _answer(self) -> list[str]:
+        if self.after_deploy is not None and self.log_file and self.log_file.exists():
+            return self.after_deploy.split()
+        return self.state_file.read_text().split()
 
     def version(self) -> str:
         if self.stuck_version is not None:
             return self.stuck_version
-        return self.state_file.read_text().split()[0]
+        return self._answer()[0]
 
     def deployment(self) -> str | None:
         if self.stuck_version is not None:
             return None
-        parts = self.state_file.read_text().split()
+        parts = self._answer()
         return parts[1] if len(parts) > 1 else None
 
 
@@ -107,7 +115,7 @@ def make_handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
                         "redis": {},
                     },
                 )
-            elif self.path.startswith("/api/v1/"):
+            elif self.path == "/api/v1" or self.path.startswith("/api/v1/"):
                 # The broken behaviour belongs to the new version; the old one answers well.
                 broken = behaviour.broken_everywhere or behaviour.version() == NEW_SHA
                 if self.headers.get("x-api-key") == SMOKE_KEY:
@@ -149,6 +157,7 @@ class Harness:
             "FAKE_QUANTUM_STATE": str(self.behaviour.state_file),
             "DEPLOY_VERIFY_TIMEOUT_S": "1.5",
             "ROLLBACK_VERIFY_TIMEOUT_S": "1.5",
+            "SWARM_ROLLBACK_WAIT_S": "1.5",
             "DEPLOY_POLL_INTERVAL_S": "0.1",
             "DEPLOY_HTTP_TIMEOUT_S": "2",
             "DEPLOY_CLI_TIMEOUT_S": "30",
@@ -181,7 +190,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     cli.chmod(0o755)
     state_file = tmp_path / "deployed-version"
     state_file.write_text(OLD_SHA)
-    behaviour = Behaviour(state_file=state_file)
+    behaviour = Behaviour(state_file=state_file, log_file=tmp_path / "quantum-cli.log")
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(behaviour))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -256,16 +265,81 @@ def test_cli_without_wait_flag_is_retried_without_it(harness: Harness) -> None:
 
 
 def test_health_never_reporting_new_version_rolls_back_and_fails(harness: Harness) -> None:
-    harness.behaviour.stuck_version = OLD_SHA
+    """/health answers a third release: not the one before, so this deploy rolls back."""
+    harness.behaviour.after_deploy = "3" * 40
     result = harness.deploy()
     assert result.returncode == 1
     images = [call["image"] for call in harness.calls()]
     assert images == [f"{REPOSITORY}:{NEW_SHA}", f"{REPOSITORY}:{OLD_SHA}"]
     assert "FAILED at health verification" in result.stdout
     assert "ROLLING BACK" in result.stdout
+    assert "SWARM ROLLED BACK" not in result.stdout
     assert "FAILURE" in result.stdout
     assert_no_secret_in(result)
     assert leftover_render_dirs(harness.tmp_path) == []
+
+
+def test_a_rollback_swarm_already_did_is_reported_and_not_deployed_again(
+    harness: Harness,
+) -> None:
+    """Swarm rolled the update back (the new tasks never turned healthy): /health answers the
+    release from before. A second deploy of it would be a second rolling update."""
+    harness.behaviour.state_file.write_text(f"{OLD_SHA} run-6-1")
+    harness.behaviour.after_deploy = f"{OLD_SHA} run-6-1"
+    result = harness.deploy(DEPLOY_ID="run-7-1")
+    assert result.returncode == 1
+    assert [call["image"] for call in harness.calls()] == [f"{REPOSITORY}:{NEW_SHA}"]
+    assert "FAILED at health verification" in result.stdout
+    assert "SWARM ROLLED BACK" in result.stdout
+    assert "ROLLING BACK" not in result.stdout
+    assert f"Swarm had already rolled back to {OLD_SHA}; not deployed again" in result.stdout
+    assert "smoke: GET" in result.stdout
+    assert_no_secret_in(result)
+
+
+def test_the_previous_version_under_another_deployment_id_is_not_taken_for_a_swarm_rollback(
+    harness: Harness,
+) -> None:
+    harness.behaviour.state_file.write_text(f"{OLD_SHA} run-6-1")
+    harness.behaviour.after_deploy = f"{OLD_SHA} run-5-1"
+    result = harness.deploy(DEPLOY_ID="run-7-1")
+    assert result.returncode == 1
+    assert "SWARM ROLLED BACK" not in result.stdout
+    assert [call["image"] for call in harness.calls()][-1] == f"{REPOSITORY}:{OLD_SHA}"
+
+
+def test_a_smoke_failure_of_a_healthy_new_release_is_rolled_back_by_the_deploy(
+    harness: Harness,
+) -> None:
+    harness.behaviour.keyed_status = 502
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "SWARM ROLLED BACK" not in result.stdout
+    assert f"rolled back by this deploy to {REPOSITORY}:{OLD_SHA}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("keyed_status", "passes"),
+    [(200, True), (404, True), (308, False), (401, False), (429, False), (502, False)],
+)
+def test_the_default_smoke_request_passes_whatever_the_upstream_root_answers(
+    harness: Harness, keyed_status: int, passes: bool
+) -> None:
+    harness.behaviour.keyed_status = keyed_status
+    env = harness.env()
+    del env["SMOKE_PATH"]
+    result = subprocess.run(
+        [sys.executable, str(DEPLOY)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode == 0) is passes, result.stdout
+    assert "smoke: GET /api/v1 with the smoke key" in result.stdout
+
+
+def test_a_chosen_smoke_path_must_answer_2xx(harness: Harness) -> None:
+    harness.behaviour.keyed_status = 404
+    result = harness.deploy(SMOKE_PATH="/api/v1/pets/1")
+    assert result.returncode == 1
+    assert "FAILED at smoke check" in result.stdout
 
 
 @pytest.mark.parametrize(
