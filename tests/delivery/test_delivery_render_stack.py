@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -303,3 +304,25 @@ def test_the_app_starts_with_exactly_the_rendered_environment(tmp_path: Path) ->
         assert requests.get(f"{gateway.url}/health/live", timeout=5).status_code == 200
     finally:
         assert gateway.terminate() == 0
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as 1s, 500ms or 1m30s in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)", duration)
+    assert parts, duration
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_a_redis_restart_costs_at_most_three_seconds_of_unready_service(tmp_path: Path) -> None:
+    """The new Redis task gets its DNS name at its first passing probe, one interval after it
+    starts: start (about 1 s) + one interval must stay within 3 s."""
+    document, _, _ = render_ok(tmp_path)
+    redis = document["services"]["redis"]
+    healthcheck = redis["healthcheck"]
+    assert seconds(healthcheck["interval"]) <= 1
+    assert seconds(redis["deploy"]["restart_policy"]["delay"]) <= 1
+    # Short probes must not make a busy or loading Redis count as unhealthy and be killed.
+    assert seconds(healthcheck["interval"]) * healthcheck["retries"] >= 10
+    assert seconds(healthcheck["start_period"]) >= 30
