@@ -43,6 +43,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 SCRIPTS_DIR = Path(__file__).resolve().parent
 RENDER_SCRIPT = SCRIPTS_DIR / "render_stack.py"
 SHA40 = re.compile(r"^[0-9a-f]{40}$")
@@ -61,6 +63,7 @@ UNKNOWN_COMMAND = re.compile(
     r"unknown command|no help topic|invalid choice|unknown subcommand|is not a [a-z-]+ command",
     re.IGNORECASE,
 )
+SECRET_EXISTS = re.compile(r"already exists|AlreadyExists|name conflicts", re.IGNORECASE)
 UNKNOWN_WAIT_FLAG = re.compile(
     r"(flag provided but not defined|unknown flag|unknown option)[^\n]*-wait", re.IGNORECASE
 )
@@ -307,7 +310,9 @@ class Deployer:
         return target
 
     # -- quantum-cli -----------------------------------------------------------
-    def _run_cli(self, args: Sequence[str], project_dir: Path) -> tuple[int, str]:
+    def _run_cli(
+        self, args: Sequence[str], project_dir: Path, stdin_text: str | None = None
+    ) -> tuple[int, str]:
         command = [*self.settings.cli, *args]
         log("running: " + " ".join(shlex.quote(part) for part in command))
         env = {**self.environ, "QUANTUM_ENDPOINT": self.settings.endpoint}
@@ -316,6 +321,8 @@ class Deployer:
                 command,
                 cwd=project_dir,
                 env=env,
+                input=stdin_text,
+                stdin=None if stdin_text is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -331,8 +338,39 @@ class Deployer:
             print(output, end="" if output.endswith("\n") else "\n", flush=True)
         return completed.returncode, output
 
+    def create_secrets(self, project_dir: Path) -> bool:
+        """Create the stack's external Swarm secrets from the environment's secret values.
+
+        The names are versioned by the render (a digest of the value), so an existing secret
+        of that name holds this very value and is left as it is. The value travels on the
+        CLI's standard input only: never in its arguments (visible in the process list),
+        never in a file, never in the output."""
+        stack_file = project_dir / "stack.yml"
+        document = yaml.safe_load(stack_file.read_text(encoding="utf-8"))
+        declared = document.get("secrets") if isinstance(document, dict) else None
+        for key, spec in (declared or {}).items():
+            if not isinstance(spec, dict) or not spec.get("external"):
+                continue
+            name, variable = str(spec.get("name")), str(key).upper()
+            value = self.environ.get(variable, "")
+            if not value:
+                raise DeployConfigError(f"{variable}: the stack needs it but it is not set")
+            code, output = self._run_cli(
+                ["secrets", "create", "--name", name, "--file", "-"], project_dir, value
+            )
+            if code == 0:
+                log(f"secret {name} ({variable}): created")
+            elif SECRET_EXISTS.search(output):
+                log(f"secret {name} ({variable}): already there with this value")
+            else:
+                log(f"creating secret {name} ({variable}) failed with exit code {code}")
+                return False
+        return True
+
     def update_stack(self, project_dir: Path) -> bool:
         """`stacks update --create --wait`, falling back to `stack update` on older CLIs."""
+        if not self.create_secrets(project_dir):
+            return False
         stack = self.settings.stack
         for group in ("stacks", "stack"):
             args = [group, "update", "--create", "--wait", "--stack", stack]

@@ -15,6 +15,7 @@ Secret values are written only into that directory (mode 0600) and never printed
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -81,6 +82,9 @@ class Variable:
     integer: bool = False
     validate: Validator | None = None
     help: str = ""
+    # Computed by the render (a secret's versioned Swarm secret name), never read from the
+    # environment.
+    derived: bool = False
 
 
 def _image(value: str) -> str | None:
@@ -152,6 +156,8 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("HTTP_CLIENT_BASE_URL", required=True, help="upstream origin"),
     Variable("ADMIN_API_TOKEN", required=True, secret=True, help="admin bearer token"),
     Variable("HTTP_CLIENT_API_KEY", secret=True, help="upstream api_key header"),
+    Variable("ADMIN_API_TOKEN_SECRET", derived=True, help="Swarm secret holding it"),
+    Variable("HTTP_CLIENT_API_KEY_SECRET", derived=True, help="Swarm secret holding it"),
     Variable("APP_VERSION", help="git SHA shown as image revision label"),
     Variable("DEPLOY_ENVIRONMENT", default="production", validate=_choice("production", "staging")),
     Variable("APP_REPLICAS", default="2", integer=True, validate=_int_range(2, 20)),
@@ -208,6 +214,9 @@ def resolve(environ: Mapping[str, str]) -> dict[str, str | None]:
     values: dict[str, str | None] = {}
     problems: list[str] = []
     for variable in VARIABLES:
+        if variable.derived:
+            values[variable.name] = None
+            continue
         raw = environ.get(variable.name, "")
         value: str | None = raw if raw != "" else variable.default
         if value is None or (variable.required and value == ""):
@@ -229,7 +238,64 @@ def resolve(environ: Mapping[str, str]) -> dict[str, str | None]:
         values["APP_VERSION"] = tag if tag and SHA40.match(tag) else "unknown"
     if problems:
         raise RenderError(problems)
+    stack = values["QUANTUM_STACK"]
+    assert stack is not None  # required, so set once there are no problems
+    for variable in VARIABLES:
+        value = values[variable.name]
+        if variable.secret and value:
+            values[f"{variable.name}_SECRET"] = secret_name(stack, variable.name, value)
     return values
+
+
+def secret_file_key(name: str) -> str:
+    """The stack's key (and file name under /run/secrets) for a secret variable."""
+    return name.lower()
+
+
+def secret_name(stack: str, name: str, value: str) -> str:
+    """The versioned Swarm secret name for one value: `<stack>_<key>_<12 hex digits>`.
+
+    Swarm secrets cannot change, so the value's digest is the version: a rotated value gets a
+    new name, and the changed reference rolls the tasks over; an unchanged one keeps its name,
+    so a redeploy neither creates a secret nor restarts a task. The name is visible to whoever
+    may list secrets: scrypt, salted with stack and name, makes guessing a weak value from it
+    costly (and the runbook asks for random values anyway). At most 64 characters, as Swarm
+    requires."""
+    digest = hashlib.scrypt(
+        value.encode("utf-8"),
+        salt=f"proxy-app/{stack}/{name}".encode(),
+        n=2**14,
+        r=8,
+        p=1,
+        dklen=16,
+    ).hex()
+    return f"{stack[:30]}_{secret_file_key(name)}_{digest[:12]}"
+
+
+def _drop_unset_secrets(document: dict[object, object], values: Mapping[str, str | None]) -> None:
+    """An optional secret left unset disappears from the stack: its file variable, the
+    service's reference and the external secret."""
+    services = document.get("services")
+    declared = document.get("secrets")
+    for variable in VARIABLES:
+        if not variable.secret or values.get(variable.name):
+            continue
+        key = secret_file_key(variable.name)
+        if isinstance(declared, dict):
+            declared.pop(key, None)
+        for service in services.values() if isinstance(services, dict) else ():
+            if not isinstance(service, dict):
+                continue
+            environment = service.get("environment")
+            if isinstance(environment, dict):
+                environment.pop(f"{variable.name}_FILE", None)
+            references = service.get("secrets")
+            if isinstance(references, list):
+                service["secrets"] = [
+                    ref
+                    for ref in references
+                    if not (isinstance(ref, dict) and ref.get("source") == key)
+                ]
 
 
 def _escape(value: str) -> str:
@@ -286,27 +352,36 @@ def render(template_text: str, values: Mapping[str, str | None]) -> dict[str, ob
         raise RenderError(["template: not a YAML mapping"])
     rendered = _render_node(document, values)
     assert isinstance(rendered, dict)
+    _drop_unset_secrets(rendered, values)
     leftover = PLACEHOLDER.findall(yaml.safe_dump(rendered).replace("$${", ""))
     if leftover:
         raise RenderError([f"{name}: placeholder left unrendered" for name in sorted(leftover)])
     return rendered
 
 
-def app_environment(rendered: Mapping[str, object]) -> dict[str, str]:
-    """The environment the app's tasks get from the rendered stack, as the app reads it."""
+def app_environment(
+    rendered: Mapping[str, object], values: Mapping[str, str | None]
+) -> dict[str, str]:
+    """The environment the app's tasks get from the rendered stack, as the app reads it: with
+    each secret's value where the task reads it from its Swarm secret file."""
     services = rendered.get("services")
     app = services.get("app") if isinstance(services, dict) else None
     environment = app.get("environment") if isinstance(app, dict) else None
     if not isinstance(environment, dict):
         raise RenderError(["template: services.app.environment is not a mapping"])
     # Swarm turns the escaped `$$` back into `$` when it interpolates the stack file.
-    return {str(name): str(value).replace("$$", "$") for name, value in environment.items()}
+    resolved = {str(name): str(value).replace("$$", "$") for name, value in environment.items()}
+    for variable in VARIABLES:
+        value = values.get(variable.name)
+        if variable.secret and value and resolved.pop(f"{variable.name}_FILE", None):
+            resolved[variable.name] = value
+    return resolved
 
 
-def check_app_settings(rendered: Mapping[str, object]) -> None:
+def check_app_settings(rendered: Mapping[str, object], values: Mapping[str, str | None]) -> None:
     """Raise RenderError with the app's own complaints when its tasks would refuse to start."""
     try:
-        load_settings(app_environment(rendered))
+        load_settings(app_environment(rendered, values))
     except SettingsError as error:
         raise RenderError([f"app setting {problem}" for problem in error.problems]) from None
 
@@ -325,7 +400,8 @@ def write_project(
     descriptor = os.open(stack_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(
-            "# Rendered by scripts/render_stack.py. Holds secrets: do not commit or share.\n"
+            "# Rendered by scripts/render_stack.py. Secrets appear only as the names of Swarm\n"
+            "# secrets; still, do not commit or share it.\n"
         )
         yaml.safe_dump(
             dict(rendered), handle, sort_keys=False, default_flow_style=False, width=4096
@@ -360,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values = resolve(os.environ)
         rendered = render(args.template.read_text(encoding="utf-8"), values)
-        check_app_settings(rendered)
+        check_app_settings(rendered, values)
     except RenderError as error:
         print("render_stack: cannot render the stack:", file=sys.stderr)
         for problem in error.problems:

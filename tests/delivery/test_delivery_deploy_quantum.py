@@ -7,6 +7,7 @@ its /health version, as the real service reports its GIT_SHA.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ ADMIN_TOKEN = "admin-token-Zq81-never-printed"
 UPSTREAM_KEY = "upstream-key-Yw72-never-printed"
 
 FAKE_CLI = """#!{python}
-import json, os, pathlib, re, sys
+import hashlib, json, os, pathlib, re, sys
 args = sys.argv[1:]
 entry = {{"argv": args, "endpoint": os.environ.get("QUANTUM_ENDPOINT"), "image": None}}
 def finish(code, message):
@@ -42,6 +43,16 @@ if args[:1] == ["stacks"] and os.environ.get("FAKE_QUANTUM_NO_STACKS") == "1":
     finish(1, 'Error: unknown command "stacks" for "quantum-cli"')
 if "--wait" in args and os.environ.get("FAKE_QUANTUM_NO_WAIT") == "1":
     finish(2, "flag provided but not defined: -wait")
+if args[:2] == ["secrets", "create"]:
+    name = args[args.index("--name") + 1]
+    entry["secret"] = name
+    store = pathlib.Path(os.environ["FAKE_QUANTUM_STATE"] + ".secrets")
+    known = json.loads(store.read_text()) if store.exists() else {{}}
+    if name in known:
+        finish(1, "Error response from daemon: rpc error: secret " + name + " already exists")
+    known[name] = hashlib.sha256(sys.stdin.read().encode()).hexdigest()
+    store.write_text(json.dumps(known))
+    finish(0, name)
 if not pathlib.Path(".quantum").is_file():
     finish(3, "no .quantum project file in " + os.getcwd())
 stack = pathlib.Path("stack.yml").read_text()
@@ -175,10 +186,19 @@ class Harness:
             check=False,
         )
 
-    def calls(self) -> list[dict[str, Any]]:
+    def all_calls(self) -> list[dict[str, Any]]:
         if not self.log_file.exists():
             return []
         return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The stack updates."""
+        return [call for call in self.all_calls() if call["argv"][:1] != ["secrets"]]
+
+    def secrets(self) -> dict[str, str]:
+        """Secret name -> sha256 of the value the fake CLI was given."""
+        store = Path(str(self.behaviour.state_file) + ".secrets")
+        return dict(json.loads(store.read_text())) if store.exists() else {}
 
 
 @pytest.fixture
@@ -441,3 +461,63 @@ def test_a_cleartext_public_url_is_refused(harness: Harness) -> None:
     result = harness.deploy(PUBLIC_URL="http://api.example.com")
     assert result.returncode == 2
     assert "must be an https URL" in result.stderr
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_secrets_are_created_as_swarm_secrets_from_the_environment_unprinted(
+    harness: Harness,
+) -> None:
+    result = harness.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    created = harness.secrets()
+    assert sorted(created.values()) == sorted([sha256(ADMIN_TOKEN), sha256(UPSTREAM_KEY)])
+    names = sorted(created)
+    assert names[0].startswith("proxy-app_admin_api_token_")
+    assert names[1].startswith("proxy-app_http_client_api_key_")
+    secret_calls = [call for call in harness.all_calls() if call["argv"][:1] == ["secrets"]]
+    assert len(secret_calls) == 2
+    for call in secret_calls:  # the value travels on stdin only
+        assert ADMIN_TOKEN not in json.dumps(call)
+        assert UPSTREAM_KEY not in json.dumps(call)
+    assert_no_secret_in(result)
+
+
+def test_a_redeploy_reuses_the_secrets_and_a_rotation_creates_a_new_one(
+    harness: Harness,
+) -> None:
+    assert harness.deploy().returncode == 0
+    first = set(harness.secrets())
+    again = harness.deploy()
+    assert again.returncode == 0, again.stdout
+    assert set(harness.secrets()) == first
+    assert again.stdout.count("already there with this value") == 2
+    rotated_token = "admin-token-Rt55-rotated-never-printed"
+    rotated = harness.deploy(ADMIN_API_TOKEN=rotated_token)
+    assert rotated.returncode == 0, rotated.stdout
+    new_names = set(harness.secrets()) - first
+    assert len(new_names) == 1
+    (new_name,) = new_names
+    assert new_name.startswith("proxy-app_admin_api_token_")
+    assert harness.secrets()[new_name] == sha256(rotated_token)
+    assert rotated_token not in rotated.stdout + rotated.stderr
+
+
+def test_a_secret_the_cli_cannot_create_fails_the_deploy_before_the_stack_update(
+    harness: Harness,
+) -> None:
+    broken_cli = harness.bin_dir / "quantum-cli"
+    broken_cli.write_text(
+        broken_cli.read_text().replace(
+            'if args[:2] == ["secrets", "create"]:',
+            'if args[:2] == ["secrets", "create"]:\n    finish(1, "Error: permission denied")',
+        )
+    )
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "FAILED at deploy" in result.stdout
+    assert "creating secret proxy-app_admin_api_token_" in result.stdout
+    assert harness.calls() == []
+    assert_no_secret_in(result)

@@ -127,15 +127,48 @@ def test_missing_required_variables_are_all_named(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_secrets_reach_the_stack_but_never_the_output(tmp_path: Path) -> None:
+def test_secrets_are_external_swarm_secrets_read_from_files(tmp_path: Path) -> None:
     document, stack_file, output = render_ok(tmp_path)
-    environment = document["services"]["app"]["environment"]
-    assert environment["ADMIN_API_TOKEN"] == ADMIN_TOKEN
-    assert environment["HTTP_CLIENT_API_KEY"] == UPSTREAM_KEY
-    assert ADMIN_TOKEN not in output
-    assert UPSTREAM_KEY not in output
+    app = document["services"]["app"]
+    environment = app["environment"]
+    assert "ADMIN_API_TOKEN" not in environment
+    assert "HTTP_CLIENT_API_KEY" not in environment
+    assert environment["ADMIN_API_TOKEN_FILE"] == "/run/secrets/admin_api_token"
+    assert environment["HTTP_CLIENT_API_KEY_FILE"] == "/run/secrets/http_client_api_key"
+    references = {ref["source"]: ref for ref in app["secrets"]}
+    assert set(references) == {"admin_api_token", "http_client_api_key"}
+    for ref in references.values():
+        assert ref["target"] == ref["source"]
+        assert ref["uid"] == "10001"  # the image's user, who alone may read it
+        assert ref["mode"] == 0o400
+    declared = document["secrets"]
+    assert all(spec["external"] is True for spec in declared.values())
+    assert declared["admin_api_token"]["name"].startswith("proxy-app_admin_api_token_")
+    assert all(len(spec["name"]) <= 64 for spec in declared.values())
+    text = stack_file.read_text()
+    for secret in (ADMIN_TOKEN, UPSTREAM_KEY):
+        assert secret not in text
+        assert secret not in output
     assert "ADMIN_API_TOKEN=set (hidden)" in output
     assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
+
+
+def test_secret_names_are_versioned_by_value(tmp_path: Path) -> None:
+    """A rotation is a new secret (Swarm secrets are immutable) and so a rolling update; the
+    same value keeps its name, so a redeploy changes nothing."""
+    first, _, _ = render_ok(tmp_path / "a")
+    same, _, _ = render_ok(tmp_path / "b")
+    rotated, _, _ = render_ok(tmp_path / "c", ADMIN_API_TOKEN="admin-token-rotated-Kp09")
+    name = first["secrets"]["admin_api_token"]["name"]
+    assert same["secrets"]["admin_api_token"]["name"] == name
+    assert rotated["secrets"]["admin_api_token"]["name"] != name
+    upstream = first["secrets"]["http_client_api_key"]["name"]
+    assert rotated["secrets"]["http_client_api_key"]["name"] == upstream
+
+
+def test_secret_names_cannot_be_chosen_from_the_environment(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, ADMIN_API_TOKEN_SECRET="attacker_chosen")
+    assert document["secrets"]["admin_api_token"]["name"] != "attacker_chosen"
 
 
 def test_invalid_secret_is_reported_without_its_value(tmp_path: Path) -> None:
@@ -146,12 +179,16 @@ def test_invalid_secret_is_reported_without_its_value(tmp_path: Path) -> None:
 
 def test_unset_optional_secret_is_left_out_of_the_stack(tmp_path: Path) -> None:
     document, _, _ = render_ok(tmp_path, HTTP_CLIENT_API_KEY="<unset>")
-    assert "HTTP_CLIENT_API_KEY" not in document["services"]["app"]["environment"]
+    app = document["services"]["app"]
+    assert "HTTP_CLIENT_API_KEY_FILE" not in app["environment"]
+    assert [ref["source"] for ref in app["secrets"]] == ["admin_api_token"]
+    assert list(document["secrets"]) == ["admin_api_token"]
 
 
 def test_dollar_signs_in_values_are_escaped_for_deploy_time_interpolation(tmp_path: Path) -> None:
-    document, _, _ = render_ok(tmp_path, ADMIN_API_TOKEN="pa$$word-${HOME}")
-    assert document["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$$$word-$${HOME}"
+    document, _, _ = render_ok(tmp_path, CACHE_BYPASS_PATHS="/pa$$word-${HOME}")
+    environment = document["services"]["app"]["environment"]
+    assert environment["CACHE_BYPASS_PATHS"] == "/pa$$$$word-$${HOME}"
 
 
 def test_app_service_has_health_resources_and_safe_rolling_updates(tmp_path: Path) -> None:
@@ -219,7 +256,7 @@ def test_eviction_policy_that_could_drop_api_keys_is_refused(tmp_path: Path) -> 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
 def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
-    _, stack_file, _ = render_ok(tmp_path, ADMIN_API_TOKEN="pa$$word")
+    _, stack_file, _ = render_ok(tmp_path, CACHE_BYPASS_PATHS="/pa$$word")
     result = subprocess.run(
         ["docker", "stack", "config", "-c", str(stack_file)],
         capture_output=True,
@@ -229,16 +266,27 @@ def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$word"
+    assert config["services"]["app"]["environment"]["CACHE_BYPASS_PATHS"] == "/pa$$word"
 
 
 # -- the app's own settings schema judges the app's environment ------------------------------
 
 
-def rendered_app_environment(document: dict[str, Any]) -> dict[str, str]:
-    """What a task's environment holds once Swarm has interpolated the stack file."""
+def rendered_app_environment(
+    document: dict[str, Any], *, secrets_inline: bool = True
+) -> dict[str, str]:
+    """What a task's environment holds once Swarm has interpolated the stack file; with
+    secrets_inline, the sample secrets stand where the task reads them from files."""
     environment = document["services"]["app"]["environment"]
-    return {name: str(value).replace("$$", "$") for name, value in environment.items()}
+    resolved = {name: str(value).replace("$$", "$") for name, value in environment.items()}
+    if secrets_inline:
+        for name, value in (
+            ("ADMIN_API_TOKEN", ADMIN_TOKEN),
+            ("HTTP_CLIENT_API_KEY", UPSTREAM_KEY),
+        ):
+            if resolved.pop(f"{name}_FILE", None):
+                resolved[name] = value
+    return resolved
 
 
 # Each of these once rendered fine and then crash-looped every task at start-up.
@@ -293,7 +341,14 @@ def test_settings_the_app_accepts_render_and_load_in_the_app(
 
 def test_the_app_starts_with_exactly_the_rendered_environment(tmp_path: Path) -> None:
     document, _, _ = render_ok(tmp_path, PROXY_BODY_LIMIT="0", ADMIN_API_TOKEN="pa$$word")
-    environment = rendered_app_environment(document)
+    environment = rendered_app_environment(document, secrets_inline=False)
+    # Swarm mounts each secret as a file readable by the app's user; so does this test.
+    for name, value in (("ADMIN_API_TOKEN", "pa$$word"), ("HTTP_CLIENT_API_KEY", UPSTREAM_KEY)):
+        secret_file = tmp_path / name.lower()
+        secret_file.write_text(value)
+        secret_file.chmod(0o400)
+        assert environment[f"{name}_FILE"] == f"/run/secrets/{name.lower()}"
+        environment[f"{name}_FILE"] = str(secret_file)
     # Only where it listens and how long it drains differ from a task: a test must not wait
     # out the 20 s drain. Redis (the stack's service name) is not reachable here; the app
     # still starts and reports itself live, as a task does before Redis answers.
