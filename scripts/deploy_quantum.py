@@ -3,7 +3,9 @@
 
 Steps: record the release that is live now (its version and deployment id from the public
 /health; the image to roll back to is PREVIOUS_IMAGE, else that version's tag), render the
-stack for APP_IMAGE, run `quantum-cli stacks update --create --wait --stack $QUANTUM_STACK`
+stack for APP_IMAGE, create its external Swarm secrets from the environment (`quantum-cli
+secrets create --name <name> --file -`, the value on stdin; an existing name holds the same
+value), run `quantum-cli stacks update --create --wait --stack $QUANTUM_STACK`
 (falling back to `quantum-cli stack update` on CLIs that do not know `stacks`), poll
 /health/ready and /health until several replies in a row report the expected version (and
 this deploy's DEPLOY_ID, so that tasks of an earlier deploy of the same commit do not

@@ -5,7 +5,10 @@ Reads every setting from the environment, refuses unset required names (all
 problems reported together, exit 2), pins the app image to the immutable
 reference it is given, and writes `stack.yml` plus the `.quantum` project file to
 a private temporary directory whose path is the only thing printed on stdout.
-Secret values are written only into that directory (mode 0600) and never printed.
+The app's environment is then judged by the app's own settings schema, so that a
+stack that renders is one the app starts with. Secret values are never written or
+printed: the stack names an external Swarm secret per value (versioned by a digest
+of it), which scripts/deploy_quantum.py creates.
 
     APP_IMAGE=ghcr.io/acme/proxy_app:<40-hex git sha> APP_HOST=api.example.com \\
     QUANTUM_STACK=proxy-app HTTP_CLIENT_BASE_URL=https://upstream.example.com \\
