@@ -1,28 +1,32 @@
 #!/usr/bin/env python3
 """Deploy proxy_app to Planetary Quantum, verify it, and roll back when verification fails.
 
-Steps: record the image that is live now (PREVIOUS_IMAGE, else the version the
-public /health reports), render the stack for APP_IMAGE, run
-`quantum-cli stacks update --create --wait --stack $QUANTUM_STACK` (falling back
-to `quantum-cli stack update` on CLIs that do not know `stacks`), poll
-/health/ready and /health until several replies in a row report the expected version
-(and this deploy's DEPLOY_ID, so that tasks of an earlier deploy of the same commit
-do not count), then smoke-test an authenticated GET through /api/v1 and an
-unauthenticated one that must get 401 (redirects count as failures and are never
-followed with the key). Any failure re-deploys the previous image, verifies and
-smoke-tests it, and exits 1. A failed redeploy of the commit already live cannot be
-helped by a rollback (configuration is not rolled back): it says so. Secret values
-are never printed: command output is redacted before it is shown.
+Steps: record the release that is live now (its version and deployment id from the public
+/health; the image to roll back to is PREVIOUS_IMAGE, else that version's tag), render the
+stack for APP_IMAGE, create its external Swarm secrets from the environment (`quantum-cli
+secrets create --name <name> --file -`, the value on stdin; an existing name holds the same
+value), run `quantum-cli stacks update --create --wait --stack $QUANTUM_STACK`
+(falling back to `quantum-cli stack update` on CLIs that do not know `stacks`), poll
+/health/ready and /health until several replies in a row report the expected version (and
+this deploy's DEPLOY_ID, so that tasks of an earlier deploy of the same commit do not
+count), then smoke-test an authenticated GET through /api/v1 and an unauthenticated one that
+must get 401 (redirects count as failures and are never followed with the key). After a
+failed verification or smoke check, a release Swarm has already rolled back (/health answers
+the previous version and deployment id again) is smoke-tested and reported, never deployed a
+second time; otherwise the script re-deploys the previous image, verifies and smoke-tests
+it. Either way it exits 1. A failed redeploy of the commit already live cannot be helped by
+a rollback (configuration is not rolled back): it says so. Secret values are never printed:
+command output is redacted before it is shown.
 
 Environment (required): QUANTUM_ENDPOINT, QUANTUM_STACK, APP_IMAGE, PUBLIC_URL,
-EXPECTED_VERSION, SMOKE_API_KEY, plus everything scripts/render_stack.py needs.
-Optional: PREVIOUS_IMAGE, RENDER_DIR (already rendered for APP_IMAGE), SMOKE_PATH
-(default /api/v1/), QUANTUM_CLI (default quantum-cli), DEPLOY_ID (reported by the
-new tasks' /health), DEPLOY_HEALTH_CONFIRMATIONS (3), DEPLOY_VERIFY_TIMEOUT_S (480),
-ROLLBACK_VERIFY_TIMEOUT_S (300), DEPLOY_POLL_INTERVAL_S (10), DEPLOY_HTTP_TIMEOUT_S
-(10), DEPLOY_CLI_TIMEOUT_S (600), KEEP_RENDERED (0). The defaults keep deploy, verify
-and rollback within the job's 45 minutes.
-PUBLIC_URL must be https, except on a loopback host (tests).
+EXPECTED_VERSION, SMOKE_API_KEY, plus everything scripts/render_stack.py needs. Optional:
+PREVIOUS_IMAGE, RENDER_DIR (already rendered for APP_IMAGE), SMOKE_PATH (default /api/v1,
+see DEFAULT_SMOKE_PATH), QUANTUM_CLI (default quantum-cli), DEPLOY_ID (reported by the new
+tasks' /health), DEPLOY_HEALTH_CONFIRMATIONS (3), DEPLOY_VERIFY_TIMEOUT_S (480),
+ROLLBACK_VERIFY_TIMEOUT_S (300), SWARM_ROLLBACK_WAIT_S (90), DEPLOY_POLL_INTERVAL_S (10),
+DEPLOY_HTTP_TIMEOUT_S (10), DEPLOY_CLI_TIMEOUT_S (600), KEEP_RENDERED (0). The defaults keep
+deploy, verify and rollback within the job's 45 minutes. PUBLIC_URL must be https, except on
+a loopback host (tests).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 SCRIPTS_DIR = Path(__file__).resolve().parent
 RENDER_SCRIPT = SCRIPTS_DIR / "render_stack.py"
@@ -59,10 +65,19 @@ UNKNOWN_COMMAND = re.compile(
     r"unknown command|no help topic|invalid choice|unknown subcommand|is not a [a-z-]+ command",
     re.IGNORECASE,
 )
+SECRET_EXISTS = re.compile(r"already exists|AlreadyExists|name conflicts", re.IGNORECASE)
 UNKNOWN_WAIT_FLAG = re.compile(
     r"(flag provided but not defined|unknown flag|unknown option)[^\n]*-wait", re.IGNORECASE
 )
 USER_AGENT = "proxy-app-deploy-verify/1"
+# The gateway's own route (no trailing slash, so no redirect) forwarded to the upstream's base
+# URL: a healthy release answers it whatever the upstream serves there. Because many upstreams
+# answer 404 at their root, with this default the keyed request passes when the gateway
+# accepted the key and the upstream answered (see smoke_accepted); a SMOKE_PATH set by the
+# operator names a request that must answer 2xx.
+DEFAULT_SMOKE_PATH = "/api/v1"
+# What the gateway answers itself when the smoke request did not get through it to the upstream.
+GATEWAY_REFUSALS = frozenset({400, 401, 403, 407, 413, 414, 429, 431})
 LOOPBACK_URL = re.compile(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]+)?$")
 
 
@@ -100,6 +115,8 @@ class Settings:
     keep_rendered: bool
     deploy_id: str | None = None
     health_confirmations: int = 3
+    smoke_path_is_default: bool = False
+    swarm_rollback_wait_s: float = 90
 
 
 def _number(environ: Mapping[str, str], name: str, default: float) -> float:
@@ -131,9 +148,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
     if not re.match(r"^https://[^/\s]+", public_url) and not LOOPBACK_URL.match(public_url):
         # The smoke check sends a real client key: never in clear text over a network.
         raise DeployConfigError("PUBLIC_URL: must be an https URL such as https://api.example.com")
-    smoke_path = environ.get("SMOKE_PATH") or "/api/v1/"
-    if not smoke_path.startswith("/api/v1/"):
-        raise DeployConfigError("SMOKE_PATH: must start with /api/v1/")
+    smoke_path = environ.get("SMOKE_PATH") or DEFAULT_SMOKE_PATH
+    if smoke_path != DEFAULT_SMOKE_PATH and not smoke_path.startswith("/api/v1/"):
+        raise DeployConfigError("SMOKE_PATH: must be /api/v1 or start with /api/v1/")
     render_dir = environ.get("RENDER_DIR")
     return Settings(
         endpoint=environ["QUANTUM_ENDPOINT"],
@@ -154,6 +171,8 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         keep_rendered=environ.get("KEEP_RENDERED", "0") == "1",
         deploy_id=environ.get("DEPLOY_ID") or None,
         health_confirmations=int(_number(environ, "DEPLOY_HEALTH_CONFIRMATIONS", 3)),
+        smoke_path_is_default=not environ.get("SMOKE_PATH"),
+        swarm_rollback_wait_s=_number(environ, "SWARM_ROLLBACK_WAIT_S", 90),
     )
 
 
@@ -223,20 +242,44 @@ def image_repository(image: str) -> str:
     return match.group("repository")
 
 
-def record_previous_image(settings: Settings) -> str | None:
-    """The image to roll back to: PREVIOUS_IMAGE, else the SHA the public /health reports."""
-    if settings.previous_image:
-        log(f"previous image (given): {settings.previous_image}")
-        return settings.previous_image
+@dataclass(frozen=True)
+class LiveRelease:
+    """What served before this deploy: the image to roll back to, and how /health named it."""
+
+    image: str | None
+    version: str | None
+    deployment: str | None
+
+
+def record_live_release(settings: Settings) -> LiveRelease:
+    """The image to roll back to (PREVIOUS_IMAGE, else the SHA the public /health reports) and
+    the live version and deployment id, by which a rollback Swarm did is recognised."""
     result = http_get(f"{settings.public_url}/health", settings.http_timeout_s)
     version = reported_version(result)
+    deployment = reported_deployment(result)
+    log(f"live release: version={version} deployment={deployment}")
+    if settings.previous_image:
+        log(f"previous image (given): {settings.previous_image}")
+        return LiveRelease(settings.previous_image, version, deployment)
     if version is None or SHA40.match(version) is None:
         detail = result.error or f"status {result.status}, version {version!r}"
         log(f"no previous image recorded: the live /health does not report a git SHA ({detail})")
-        return None
+        return LiveRelease(None, version, deployment)
     previous = f"{image_repository(settings.image)}:{version}"
     log(f"previous image (from the live /health): {previous}")
-    return previous
+    return LiveRelease(previous, version, deployment)
+
+
+def smoke_accepted(status: int | None, *, default_path: bool) -> bool:
+    """Whether the keyed smoke request's answer shows a working release."""
+    if status is None:
+        return False
+    if not default_path:
+        return 200 <= status < 300
+    # The default path reaches the upstream's base URL, whose own answer (often a 404 at an
+    # API's root) cannot be known here: any upstream answer below 500 counts, but not a
+    # redirect, nor what the gateway answers itself when a request does not get through.
+    return status < 500 and not 300 <= status < 400 and status not in GATEWAY_REFUSALS
 
 
 class Deployer:
@@ -269,7 +312,9 @@ class Deployer:
         return target
 
     # -- quantum-cli -----------------------------------------------------------
-    def _run_cli(self, args: Sequence[str], project_dir: Path) -> tuple[int, str]:
+    def _run_cli(
+        self, args: Sequence[str], project_dir: Path, stdin_text: str | None = None
+    ) -> tuple[int, str]:
         command = [*self.settings.cli, *args]
         log("running: " + " ".join(shlex.quote(part) for part in command))
         env = {**self.environ, "QUANTUM_ENDPOINT": self.settings.endpoint}
@@ -278,6 +323,8 @@ class Deployer:
                 command,
                 cwd=project_dir,
                 env=env,
+                input=stdin_text,
+                stdin=None if stdin_text is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
@@ -293,8 +340,39 @@ class Deployer:
             print(output, end="" if output.endswith("\n") else "\n", flush=True)
         return completed.returncode, output
 
+    def create_secrets(self, project_dir: Path) -> bool:
+        """Create the stack's external Swarm secrets from the environment's secret values.
+
+        The names are versioned by the render (a digest of the value), so an existing secret
+        of that name holds this very value and is left as it is. The value travels on the
+        CLI's standard input only: never in its arguments (visible in the process list),
+        never in a file, never in the output."""
+        stack_file = project_dir / "stack.yml"
+        document = yaml.safe_load(stack_file.read_text(encoding="utf-8"))
+        declared = document.get("secrets") if isinstance(document, dict) else None
+        for key, spec in (declared or {}).items():
+            if not isinstance(spec, dict) or not spec.get("external"):
+                continue
+            name, variable = str(spec.get("name")), str(key).upper()
+            value = self.environ.get(variable, "")
+            if not value:
+                raise DeployConfigError(f"{variable}: the stack needs it but it is not set")
+            code, output = self._run_cli(
+                ["secrets", "create", "--name", name, "--file", "-"], project_dir, value
+            )
+            if code == 0:
+                log(f"secret {name} ({variable}): created")
+            elif SECRET_EXISTS.search(output):
+                log(f"secret {name} ({variable}): already there with this value")
+            else:
+                log(f"creating secret {name} ({variable}) failed with exit code {code}")
+                return False
+        return True
+
     def update_stack(self, project_dir: Path) -> bool:
         """`stacks update --create --wait`, falling back to `stack update` on older CLIs."""
+        if not self.create_secrets(project_dir):
+            return False
         stack = self.settings.stack
         for group in ("stacks", "stack"):
             args = [group, "update", "--create", "--wait", "--stack", stack]
@@ -349,7 +427,7 @@ class Deployer:
         keyed = http_get(
             url, self.settings.http_timeout_s, {"x-api-key": self.settings.smoke_api_key}
         )
-        keyed_ok = keyed.status is not None and 200 <= keyed.status < 300
+        keyed_ok = smoke_accepted(keyed.status, default_path=self.settings.smoke_path_is_default)
         path = self.settings.smoke_path
         log(f"smoke: GET {path} with the smoke key -> {keyed.status or keyed.error}")
         anonymous = http_get(url, self.settings.http_timeout_s)
@@ -392,9 +470,29 @@ class Deployer:
         log("rollback verified: healthy and smoke-tested")
         return True
 
+    def swarm_rolled_back(self, live: LiveRelease) -> bool:
+        """Whether /health answers the release from before this deploy again: Swarm rolled the
+        update back (failure_action: rollback) or never let a new task serve. Waits up to
+        SWARM_ROLLBACK_WAIT_S for a rollback that is still under way."""
+        settings = self.settings
+        if live.version is None:
+            return False
+        same_release = live.version == settings.expected_version and (
+            live.deployment is None or live.deployment == settings.deploy_id
+        )
+        if same_release:
+            return False  # the old and the new tasks cannot be told apart
+        log(
+            f"checking whether Swarm already rolled back: waiting up to "
+            f"{settings.swarm_rollback_wait_s:.0f}s for version={live.version} "
+            f"deployment={live.deployment}"
+        )
+        return self.wait_for_version(live.version, settings.swarm_rollback_wait_s, live.deployment)
+
     def run(self) -> int:
         settings = self.settings
-        previous = record_previous_image(settings)
+        live = record_live_release(settings)
+        previous = live.image
         project_dir = settings.render_dir or self.render(settings.image, settings.expected_version)
         stage = "deploy"
         ok = self.update_stack(project_dir)
@@ -410,8 +508,18 @@ class Deployer:
             report(f"deployed {settings.image} to stack {settings.stack}: verified", True)
             return 0
         log(f"FAILED at {stage}")
+        if stage != "deploy" and self.swarm_rolled_back(live):
+            # Deploying the previous image again would start a second rolling update, with a
+            # new DEPLOY_ID, of tasks that already run it.
+            log(f"SWARM ROLLED BACK: the previous release ({live.version}) serves again")
+            smoke_ok = self.smoke()
+            outcome = f"Swarm had already rolled back to {live.version}; not deployed again"
+            if not smoke_ok:
+                outcome += ", but its smoke check fails: intervene by hand"
+            report(f"deploy of {settings.image} failed at {stage}; {outcome}", False)
+            return 1
         rolled_back = self.rollback(previous)
-        outcome = "rolled back to " + str(previous) if rolled_back else "NOT rolled back"
+        outcome = f"rolled back by this deploy to {previous}" if rolled_back else "NOT rolled back"
         report(f"deploy of {settings.image} failed at {stage}; {outcome}", False)
         return 1
 

@@ -5,7 +5,10 @@ Reads every setting from the environment, refuses unset required names (all
 problems reported together, exit 2), pins the app image to the immutable
 reference it is given, and writes `stack.yml` plus the `.quantum` project file to
 a private temporary directory whose path is the only thing printed on stdout.
-Secret values are written only into that directory (mode 0600) and never printed.
+The app's environment is then judged by the app's own settings schema, so that a
+stack that renders is one the app starts with. Secret values are never written or
+printed: the stack names an external Swarm secret per value (versioned by a digest
+of it), which scripts/deploy_quantum.py creates.
 
     APP_IMAGE=ghcr.io/acme/proxy_app:<40-hex git sha> APP_HOST=api.example.com \\
     QUANTUM_STACK=proxy-app HTTP_CLIENT_BASE_URL=https://upstream.example.com \\
@@ -15,6 +18,7 @@ Secret values are written only into that directory (mode 0600) and never printed
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import re
 import shutil
@@ -27,6 +31,12 @@ from pathlib import Path
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The app's own settings schema judges the app's environment: one source of truth, so a
+# rendered stack never starts tasks that refuse their settings and crash-loop.
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from proxy_app.settings import SettingsError, load_settings  # noqa: E402
+
 DEFAULT_TEMPLATE = REPO_ROOT / "deploy" / "stack.template.yml"
 DEFAULT_PROJECT_FILE = REPO_ROOT / "deploy" / ".quantum"
 STACK_FILE_NAME = "stack.yml"
@@ -48,7 +58,6 @@ CPUS = re.compile(r"^[0-9]+(\.[0-9]+)?$")
 MEMORY = re.compile(r"^[0-9]+[KMG]$")
 REDIS_MEMORY = re.compile(r"^[0-9]+(kb|mb|gb)$")
 PLACEMENT = re.compile(r"^node\.(labels\.[A-Za-z0-9_.-]+|hostname|id) ?== ?[A-Za-z0-9_.-]+$")
-DEPLOY_ID = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 DEFAULT_REDIS_IMAGE = (
     "redis:7.4.5-alpine@sha256:bb186d083732f669da90be8b0f975a37812b15e913465bb14d845db72a4e3e08"
 )
@@ -76,6 +85,9 @@ class Variable:
     integer: bool = False
     validate: Validator | None = None
     help: str = ""
+    # Computed by the render (a secret's versioned Swarm secret name), never read from the
+    # environment.
+    derived: bool = False
 
 
 def _image(value: str) -> str | None:
@@ -93,11 +105,6 @@ def _image(value: str) -> str | None:
 
 def _host(value: str) -> str | None:
     return None if HOSTNAME.match(value) else "is not a lower-case DNS host name"
-
-
-def _url(value: str) -> str | None:
-    ok = re.match(r"^https?://[^\s/$.?#][^\s]*$", value) is not None
-    return None if ok else "is not an http(s) URL"
 
 
 def _stack(value: str) -> str | None:
@@ -145,15 +152,15 @@ def _no_backtick(value: str) -> str | None:
     return "must not contain backticks or newlines" if re.search(r"[`\n\r]", value) else None
 
 
-_BOOL = _choice("true", "false")
-
 VARIABLES: tuple[Variable, ...] = (
     Variable("APP_IMAGE", required=True, validate=_image, help="immutable app image"),
     Variable("APP_HOST", required=True, validate=_host, help="public host name (Traefik rule)"),
     Variable("QUANTUM_STACK", required=True, validate=_stack, help="stack and router name"),
-    Variable("HTTP_CLIENT_BASE_URL", required=True, validate=_url, help="upstream origin"),
+    Variable("HTTP_CLIENT_BASE_URL", required=True, help="upstream origin"),
     Variable("ADMIN_API_TOKEN", required=True, secret=True, help="admin bearer token"),
     Variable("HTTP_CLIENT_API_KEY", secret=True, help="upstream api_key header"),
+    Variable("ADMIN_API_TOKEN_SECRET", derived=True, help="Swarm secret holding it"),
+    Variable("HTTP_CLIENT_API_KEY_SECRET", derived=True, help="Swarm secret holding it"),
     Variable("APP_VERSION", help="git SHA shown as image revision label"),
     Variable("DEPLOY_ENVIRONMENT", default="production", validate=_choice("production", "staging")),
     Variable("APP_REPLICAS", default="2", integer=True, validate=_int_range(2, 20)),
@@ -178,36 +185,32 @@ VARIABLES: tuple[Variable, ...] = (
         ),
         help="pins Redis to the node that holds its volume",
     ),
-    Variable(
-        "DEPLOY_ID",
-        validate=_pattern(DEPLOY_ID, "letters, digits, '-', '_' or '.'"),
-        help="reported by /health as deployment",
-    ),
+    Variable("DEPLOY_ID", help="reported by /health as deployment"),
     Variable("TRAEFIK_NETWORK", default="public", validate=_stack),
     Variable("TRAEFIK_CERT_RESOLVER", default="le", validate=_stack),
     Variable("TRAEFIK_HTTP_ENTRYPOINT", default="http", validate=_stack),
     Variable("TRAEFIK_HTTPS_ENTRYPOINT", default="https", validate=_stack),
-    Variable("LOG_LEVEL", default="info", validate=_choice("debug", "info", "warning", "error")),
-    Variable("WEB_CONCURRENCY", default="2", validate=_int_range(1, 64)),
-    Variable("HTTP_CLIENT_TIMEOUT", default="10000", validate=_int_range(1)),
-    Variable("HTTP_CLIENT_RETRIES", default="2", validate=_int_range(0, 10)),
-    Variable("PROXY_BODY_LIMIT", default="1048576", validate=_int_range(1)),
-    Variable(
-        "PROXY_BODY_TYPES", default="application/json,application/*+json", validate=_no_backtick
-    ),
-    Variable("PROXY_FORWARD_REQUEST_HEADERS", default="", validate=_no_backtick),
-    Variable("PROXY_HIDE_RESPONSE_HEADERS", default="", validate=_no_backtick),
-    Variable("CORS_ALLOWED_ORIGINS", default="", validate=_no_backtick),
-    Variable("CACHE_TTL_DEFAULT", default="300", validate=_int_range(0)),
-    Variable("CACHE_STALE_TTL", default="60", validate=_int_range(0)),
-    Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false", validate=_BOOL),
-    Variable("CACHE_CONTROL_FIELD", default="Gateway-Cache-Control", validate=_no_backtick),
-    Variable("CACHE_CDN_CONTROL", default="true", validate=_BOOL),
-    Variable("CACHE_BYPASS_PATHS", default="", validate=_no_backtick),
-    Variable("CACHE_DEBUG", default="false", validate=_BOOL),
-    Variable("API_KEYS_REDIS_PREFIX", default="api-keys", validate=_no_backtick),
-    Variable("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", default="60", validate=_int_range(1)),
-    Variable("API_KEYS_RATE_LIMIT_MAX_REQUESTS", default="120", validate=_int_range(1)),
+    # The app's settings below: passed through as given and judged by the app's schema
+    # (see app_environment_problems), never by rules of the render's own.
+    Variable("LOG_LEVEL", default="info"),
+    Variable("WEB_CONCURRENCY", default="2"),
+    Variable("HTTP_CLIENT_TIMEOUT", default="10000"),
+    Variable("HTTP_CLIENT_RETRIES", default="2"),
+    Variable("PROXY_BODY_LIMIT", default="1048576"),
+    Variable("PROXY_BODY_TYPES", default="application/json,application/*+json"),
+    Variable("PROXY_FORWARD_REQUEST_HEADERS", default=""),
+    Variable("PROXY_HIDE_RESPONSE_HEADERS", default=""),
+    Variable("CORS_ALLOWED_ORIGINS", default=""),
+    Variable("CACHE_TTL_DEFAULT", default="300"),
+    Variable("CACHE_STALE_TTL", default="60"),
+    Variable("CACHE_IGNORE_UPSTREAM_CONTROL", default="false"),
+    Variable("CACHE_CONTROL_FIELD", default="Gateway-Cache-Control"),
+    Variable("CACHE_CDN_CONTROL", default="true"),
+    Variable("CACHE_BYPASS_PATHS", default=""),
+    Variable("CACHE_DEBUG", default="false"),
+    Variable("API_KEYS_REDIS_PREFIX", default="api-keys"),
+    Variable("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", default="60"),
+    Variable("API_KEYS_RATE_LIMIT_MAX_REQUESTS", default="120"),
 )
 VARIABLES_BY_NAME = {variable.name: variable for variable in VARIABLES}
 
@@ -220,6 +223,9 @@ def resolve(environ: Mapping[str, str]) -> dict[str, str | None]:
     values: dict[str, str | None] = {}
     problems: list[str] = []
     for variable in VARIABLES:
+        if variable.derived:
+            values[variable.name] = None
+            continue
         raw = environ.get(variable.name, "")
         value: str | None = raw if raw != "" else variable.default
         if value is None or (variable.required and value == ""):
@@ -241,7 +247,64 @@ def resolve(environ: Mapping[str, str]) -> dict[str, str | None]:
         values["APP_VERSION"] = tag if tag and SHA40.match(tag) else "unknown"
     if problems:
         raise RenderError(problems)
+    stack = values["QUANTUM_STACK"]
+    assert stack is not None  # required, so set once there are no problems
+    for variable in VARIABLES:
+        value = values[variable.name]
+        if variable.secret and value:
+            values[f"{variable.name}_SECRET"] = secret_name(stack, variable.name, value)
     return values
+
+
+def secret_file_key(name: str) -> str:
+    """The stack's key (and file name under /run/secrets) for a secret variable."""
+    return name.lower()
+
+
+def secret_name(stack: str, name: str, value: str) -> str:
+    """The versioned Swarm secret name for one value: `<stack>_<key>_<12 hex digits>`.
+
+    Swarm secrets cannot change, so the value's digest is the version: a rotated value gets a
+    new name, and the changed reference rolls the tasks over; an unchanged one keeps its name,
+    so a redeploy neither creates a secret nor restarts a task. The name is visible to whoever
+    may list secrets: scrypt, salted with stack and name, makes guessing a weak value from it
+    costly (and the runbook asks for random values anyway). At most 64 characters, as Swarm
+    requires."""
+    digest = hashlib.scrypt(
+        value.encode("utf-8"),
+        salt=f"proxy-app/{stack}/{name}".encode(),
+        n=2**14,
+        r=8,
+        p=1,
+        dklen=16,
+    ).hex()
+    return f"{stack[:30]}_{secret_file_key(name)}_{digest[:12]}"
+
+
+def _drop_unset_secrets(document: dict[object, object], values: Mapping[str, str | None]) -> None:
+    """An optional secret left unset disappears from the stack: its file variable, the
+    service's reference and the external secret."""
+    services = document.get("services")
+    declared = document.get("secrets")
+    for variable in VARIABLES:
+        if not variable.secret or values.get(variable.name):
+            continue
+        key = secret_file_key(variable.name)
+        if isinstance(declared, dict):
+            declared.pop(key, None)
+        for service in services.values() if isinstance(services, dict) else ():
+            if not isinstance(service, dict):
+                continue
+            environment = service.get("environment")
+            if isinstance(environment, dict):
+                environment.pop(f"{variable.name}_FILE", None)
+            references = service.get("secrets")
+            if isinstance(references, list):
+                service["secrets"] = [
+                    ref
+                    for ref in references
+                    if not (isinstance(ref, dict) and ref.get("source") == key)
+                ]
 
 
 def _escape(value: str) -> str:
@@ -298,10 +361,38 @@ def render(template_text: str, values: Mapping[str, str | None]) -> dict[str, ob
         raise RenderError(["template: not a YAML mapping"])
     rendered = _render_node(document, values)
     assert isinstance(rendered, dict)
+    _drop_unset_secrets(rendered, values)
     leftover = PLACEHOLDER.findall(yaml.safe_dump(rendered).replace("$${", ""))
     if leftover:
         raise RenderError([f"{name}: placeholder left unrendered" for name in sorted(leftover)])
     return rendered
+
+
+def app_environment(
+    rendered: Mapping[str, object], values: Mapping[str, str | None]
+) -> dict[str, str]:
+    """The environment the app's tasks get from the rendered stack, as the app reads it: with
+    each secret's value where the task reads it from its Swarm secret file."""
+    services = rendered.get("services")
+    app = services.get("app") if isinstance(services, dict) else None
+    environment = app.get("environment") if isinstance(app, dict) else None
+    if not isinstance(environment, dict):
+        raise RenderError(["template: services.app.environment is not a mapping"])
+    # Swarm turns the escaped `$$` back into `$` when it interpolates the stack file.
+    resolved = {str(name): str(value).replace("$$", "$") for name, value in environment.items()}
+    for variable in VARIABLES:
+        value = values.get(variable.name)
+        if variable.secret and value and resolved.pop(f"{variable.name}_FILE", None):
+            resolved[variable.name] = value
+    return resolved
+
+
+def check_app_settings(rendered: Mapping[str, object], values: Mapping[str, str | None]) -> None:
+    """Raise RenderError with the app's own complaints when its tasks would refuse to start."""
+    try:
+        load_settings(app_environment(rendered, values))
+    except SettingsError as error:
+        raise RenderError([f"app setting {problem}" for problem in error.problems]) from None
 
 
 def write_project(
@@ -318,7 +409,8 @@ def write_project(
     descriptor = os.open(stack_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
         handle.write(
-            "# Rendered by scripts/render_stack.py. Holds secrets: do not commit or share.\n"
+            "# Rendered by scripts/render_stack.py. Secrets appear only as the names of Swarm\n"
+            "# secrets; still, do not commit or share it.\n"
         )
         yaml.safe_dump(
             dict(rendered), handle, sort_keys=False, default_flow_style=False, width=4096
@@ -353,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         values = resolve(os.environ)
         rendered = render(args.template.read_text(encoding="utf-8"), values)
+        check_app_settings(rendered, values)
     except RenderError as error:
         print("render_stack: cannot render the stack:", file=sys.stderr)
         for problem in error.problems:

@@ -7,6 +7,7 @@ its /health version, as the real service reports its GIT_SHA.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -30,7 +31,7 @@ ADMIN_TOKEN = "admin-token-Zq81-never-printed"
 UPSTREAM_KEY = "upstream-key-Yw72-never-printed"
 
 FAKE_CLI = """#!{python}
-import json, os, pathlib, re, sys
+import hashlib, json, os, pathlib, re, sys
 args = sys.argv[1:]
 entry = {{"argv": args, "endpoint": os.environ.get("QUANTUM_ENDPOINT"), "image": None}}
 def finish(code, message):
@@ -42,6 +43,16 @@ if args[:1] == ["stacks"] and os.environ.get("FAKE_QUANTUM_NO_STACKS") == "1":
     finish(1, 'Error: unknown command "stacks" for "quantum-cli"')
 if "--wait" in args and os.environ.get("FAKE_QUANTUM_NO_WAIT") == "1":
     finish(2, "flag provided but not defined: -wait")
+if args[:2] == ["secrets", "create"]:
+    name = args[args.index("--name") + 1]
+    entry["secret"] = name
+    store = pathlib.Path(os.environ["FAKE_QUANTUM_STATE"] + ".secrets")
+    known = json.loads(store.read_text()) if store.exists() else {{}}
+    if name in known:
+        finish(1, "Error response from daemon: rpc error: secret " + name + " already exists")
+    known[name] = hashlib.sha256(sys.stdin.read().encode()).hexdigest()
+    store.write_text(json.dumps(known))
+    finish(0, name)
 if not pathlib.Path(".quantum").is_file():
     finish(3, "no .quantum project file in " + os.getcwd())
 stack = pathlib.Path("stack.yml").read_text()
@@ -66,17 +77,25 @@ class Behaviour:
     keyed_status: int = 200
     anonymous_status: int = 401
     broken_everywhere: bool = False  # the statuses above apply to every version, not the new
+    # Once the fake CLI has deployed, /health answers this "version [deployment]" instead.
+    after_deploy: str | None = None
+    log_file: Path | None = None
     requests: list[str] = field(default_factory=list)
+
+    def _answer(self) -> list[str]:
+        if self.after_deploy is not None and self.log_file and self.log_file.exists():
+            return self.after_deploy.split()
+        return self.state_file.read_text().split()
 
     def version(self) -> str:
         if self.stuck_version is not None:
             return self.stuck_version
-        return self.state_file.read_text().split()[0]
+        return self._answer()[0]
 
     def deployment(self) -> str | None:
         if self.stuck_version is not None:
             return None
-        parts = self.state_file.read_text().split()
+        parts = self._answer()
         return parts[1] if len(parts) > 1 else None
 
 
@@ -107,7 +126,7 @@ def make_handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
                         "redis": {},
                     },
                 )
-            elif self.path.startswith("/api/v1/"):
+            elif self.path == "/api/v1" or self.path.startswith("/api/v1/"):
                 # The broken behaviour belongs to the new version; the old one answers well.
                 broken = behaviour.broken_everywhere or behaviour.version() == NEW_SHA
                 if self.headers.get("x-api-key") == SMOKE_KEY:
@@ -149,6 +168,7 @@ class Harness:
             "FAKE_QUANTUM_STATE": str(self.behaviour.state_file),
             "DEPLOY_VERIFY_TIMEOUT_S": "1.5",
             "ROLLBACK_VERIFY_TIMEOUT_S": "1.5",
+            "SWARM_ROLLBACK_WAIT_S": "1.5",
             "DEPLOY_POLL_INTERVAL_S": "0.1",
             "DEPLOY_HTTP_TIMEOUT_S": "2",
             "DEPLOY_CLI_TIMEOUT_S": "30",
@@ -166,10 +186,19 @@ class Harness:
             check=False,
         )
 
-    def calls(self) -> list[dict[str, Any]]:
+    def all_calls(self) -> list[dict[str, Any]]:
         if not self.log_file.exists():
             return []
         return [json.loads(line) for line in self.log_file.read_text().splitlines()]
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The stack updates."""
+        return [call for call in self.all_calls() if call["argv"][:1] != ["secrets"]]
+
+    def secrets(self) -> dict[str, str]:
+        """Secret name -> sha256 of the value the fake CLI was given."""
+        store = Path(str(self.behaviour.state_file) + ".secrets")
+        return dict(json.loads(store.read_text())) if store.exists() else {}
 
 
 @pytest.fixture
@@ -181,7 +210,7 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
     cli.chmod(0o755)
     state_file = tmp_path / "deployed-version"
     state_file.write_text(OLD_SHA)
-    behaviour = Behaviour(state_file=state_file)
+    behaviour = Behaviour(state_file=state_file, log_file=tmp_path / "quantum-cli.log")
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(behaviour))
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -256,16 +285,81 @@ def test_cli_without_wait_flag_is_retried_without_it(harness: Harness) -> None:
 
 
 def test_health_never_reporting_new_version_rolls_back_and_fails(harness: Harness) -> None:
-    harness.behaviour.stuck_version = OLD_SHA
+    """/health answers a third release: not the one before, so this deploy rolls back."""
+    harness.behaviour.after_deploy = "3" * 40
     result = harness.deploy()
     assert result.returncode == 1
     images = [call["image"] for call in harness.calls()]
     assert images == [f"{REPOSITORY}:{NEW_SHA}", f"{REPOSITORY}:{OLD_SHA}"]
     assert "FAILED at health verification" in result.stdout
     assert "ROLLING BACK" in result.stdout
+    assert "SWARM ROLLED BACK" not in result.stdout
     assert "FAILURE" in result.stdout
     assert_no_secret_in(result)
     assert leftover_render_dirs(harness.tmp_path) == []
+
+
+def test_a_rollback_swarm_already_did_is_reported_and_not_deployed_again(
+    harness: Harness,
+) -> None:
+    """Swarm rolled the update back (the new tasks never turned healthy): /health answers the
+    release from before. A second deploy of it would be a second rolling update."""
+    harness.behaviour.state_file.write_text(f"{OLD_SHA} run-6-1")
+    harness.behaviour.after_deploy = f"{OLD_SHA} run-6-1"
+    result = harness.deploy(DEPLOY_ID="run-7-1")
+    assert result.returncode == 1
+    assert [call["image"] for call in harness.calls()] == [f"{REPOSITORY}:{NEW_SHA}"]
+    assert "FAILED at health verification" in result.stdout
+    assert "SWARM ROLLED BACK" in result.stdout
+    assert "ROLLING BACK" not in result.stdout
+    assert f"Swarm had already rolled back to {OLD_SHA}; not deployed again" in result.stdout
+    assert "smoke: GET" in result.stdout
+    assert_no_secret_in(result)
+
+
+def test_the_previous_version_under_another_deployment_id_is_not_taken_for_a_swarm_rollback(
+    harness: Harness,
+) -> None:
+    harness.behaviour.state_file.write_text(f"{OLD_SHA} run-6-1")
+    harness.behaviour.after_deploy = f"{OLD_SHA} run-5-1"
+    result = harness.deploy(DEPLOY_ID="run-7-1")
+    assert result.returncode == 1
+    assert "SWARM ROLLED BACK" not in result.stdout
+    assert [call["image"] for call in harness.calls()][-1] == f"{REPOSITORY}:{OLD_SHA}"
+
+
+def test_a_smoke_failure_of_a_healthy_new_release_is_rolled_back_by_the_deploy(
+    harness: Harness,
+) -> None:
+    harness.behaviour.keyed_status = 502
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "SWARM ROLLED BACK" not in result.stdout
+    assert f"rolled back by this deploy to {REPOSITORY}:{OLD_SHA}" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("keyed_status", "passes"),
+    [(200, True), (404, True), (308, False), (401, False), (429, False), (502, False)],
+)
+def test_the_default_smoke_request_passes_whatever_the_upstream_root_answers(
+    harness: Harness, keyed_status: int, passes: bool
+) -> None:
+    harness.behaviour.keyed_status = keyed_status
+    env = harness.env()
+    del env["SMOKE_PATH"]
+    result = subprocess.run(
+        [sys.executable, str(DEPLOY)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (result.returncode == 0) is passes, result.stdout
+    assert "smoke: GET /api/v1 with the smoke key" in result.stdout
+
+
+def test_a_chosen_smoke_path_must_answer_2xx(harness: Harness) -> None:
+    harness.behaviour.keyed_status = 404
+    result = harness.deploy(SMOKE_PATH="/api/v1/pets/1")
+    assert result.returncode == 1
+    assert "FAILED at smoke check" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -367,3 +461,63 @@ def test_a_cleartext_public_url_is_refused(harness: Harness) -> None:
     result = harness.deploy(PUBLIC_URL="http://api.example.com")
     assert result.returncode == 2
     assert "must be an https URL" in result.stderr
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def test_secrets_are_created_as_swarm_secrets_from_the_environment_unprinted(
+    harness: Harness,
+) -> None:
+    result = harness.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    created = harness.secrets()
+    assert sorted(created.values()) == sorted([sha256(ADMIN_TOKEN), sha256(UPSTREAM_KEY)])
+    names = sorted(created)
+    assert names[0].startswith("proxy-app_admin_api_token_")
+    assert names[1].startswith("proxy-app_http_client_api_key_")
+    secret_calls = [call for call in harness.all_calls() if call["argv"][:1] == ["secrets"]]
+    assert len(secret_calls) == 2
+    for call in secret_calls:  # the value travels on stdin only
+        assert ADMIN_TOKEN not in json.dumps(call)
+        assert UPSTREAM_KEY not in json.dumps(call)
+    assert_no_secret_in(result)
+
+
+def test_a_redeploy_reuses_the_secrets_and_a_rotation_creates_a_new_one(
+    harness: Harness,
+) -> None:
+    assert harness.deploy().returncode == 0
+    first = set(harness.secrets())
+    again = harness.deploy()
+    assert again.returncode == 0, again.stdout
+    assert set(harness.secrets()) == first
+    assert again.stdout.count("already there with this value") == 2
+    rotated_token = "admin-token-Rt55-rotated-never-printed"
+    rotated = harness.deploy(ADMIN_API_TOKEN=rotated_token)
+    assert rotated.returncode == 0, rotated.stdout
+    new_names = set(harness.secrets()) - first
+    assert len(new_names) == 1
+    (new_name,) = new_names
+    assert new_name.startswith("proxy-app_admin_api_token_")
+    assert harness.secrets()[new_name] == sha256(rotated_token)
+    assert rotated_token not in rotated.stdout + rotated.stderr
+
+
+def test_a_secret_the_cli_cannot_create_fails_the_deploy_before_the_stack_update(
+    harness: Harness,
+) -> None:
+    broken_cli = harness.bin_dir / "quantum-cli"
+    broken_cli.write_text(
+        broken_cli.read_text().replace(
+            'if args[:2] == ["secrets", "create"]:',
+            'if args[:2] == ["secrets", "create"]:\n    finish(1, "Error: permission denied")',
+        )
+    )
+    result = harness.deploy()
+    assert result.returncode == 1
+    assert "FAILED at deploy" in result.stdout
+    assert "creating secret proxy-app_admin_api_token_" in result.stdout
+    assert harness.calls() == []
+    assert_no_secret_in(result)

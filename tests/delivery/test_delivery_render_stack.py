@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -11,7 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
+
+from proxy_app.settings import SettingsError, load_settings
+from tests.support.gateway import Gateway
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 RENDER = REPO_ROOT / "scripts" / "render_stack.py"
@@ -122,15 +127,48 @@ def test_missing_required_variables_are_all_named(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_secrets_reach_the_stack_but_never_the_output(tmp_path: Path) -> None:
+def test_secrets_are_external_swarm_secrets_read_from_files(tmp_path: Path) -> None:
     document, stack_file, output = render_ok(tmp_path)
-    environment = document["services"]["app"]["environment"]
-    assert environment["ADMIN_API_TOKEN"] == ADMIN_TOKEN
-    assert environment["HTTP_CLIENT_API_KEY"] == UPSTREAM_KEY
-    assert ADMIN_TOKEN not in output
-    assert UPSTREAM_KEY not in output
+    app = document["services"]["app"]
+    environment = app["environment"]
+    assert "ADMIN_API_TOKEN" not in environment
+    assert "HTTP_CLIENT_API_KEY" not in environment
+    assert environment["ADMIN_API_TOKEN_FILE"] == "/run/secrets/admin_api_token"
+    assert environment["HTTP_CLIENT_API_KEY_FILE"] == "/run/secrets/http_client_api_key"
+    references = {ref["source"]: ref for ref in app["secrets"]}
+    assert set(references) == {"admin_api_token", "http_client_api_key"}
+    for ref in references.values():
+        assert ref["target"] == ref["source"]
+        assert ref["uid"] == "10001"  # the image's user, who alone may read it
+        assert ref["mode"] == 0o400
+    declared = document["secrets"]
+    assert all(spec["external"] is True for spec in declared.values())
+    assert declared["admin_api_token"]["name"].startswith("proxy-app_admin_api_token_")
+    assert all(len(spec["name"]) <= 64 for spec in declared.values())
+    text = stack_file.read_text()
+    for secret in (ADMIN_TOKEN, UPSTREAM_KEY):
+        assert secret not in text
+        assert secret not in output
     assert "ADMIN_API_TOKEN=set (hidden)" in output
     assert stat.S_IMODE(stack_file.stat().st_mode) == 0o600
+
+
+def test_secret_names_are_versioned_by_value(tmp_path: Path) -> None:
+    """A rotation is a new secret (Swarm secrets are immutable) and so a rolling update; the
+    same value keeps its name, so a redeploy changes nothing."""
+    first, _, _ = render_ok(tmp_path / "a")
+    same, _, _ = render_ok(tmp_path / "b")
+    rotated, _, _ = render_ok(tmp_path / "c", ADMIN_API_TOKEN="admin-token-rotated-Kp09")
+    name = first["secrets"]["admin_api_token"]["name"]
+    assert same["secrets"]["admin_api_token"]["name"] == name
+    assert rotated["secrets"]["admin_api_token"]["name"] != name
+    upstream = first["secrets"]["http_client_api_key"]["name"]
+    assert rotated["secrets"]["http_client_api_key"]["name"] == upstream
+
+
+def test_secret_names_cannot_be_chosen_from_the_environment(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, ADMIN_API_TOKEN_SECRET="attacker_chosen")
+    assert document["secrets"]["admin_api_token"]["name"] != "attacker_chosen"
 
 
 def test_invalid_secret_is_reported_without_its_value(tmp_path: Path) -> None:
@@ -141,12 +179,16 @@ def test_invalid_secret_is_reported_without_its_value(tmp_path: Path) -> None:
 
 def test_unset_optional_secret_is_left_out_of_the_stack(tmp_path: Path) -> None:
     document, _, _ = render_ok(tmp_path, HTTP_CLIENT_API_KEY="<unset>")
-    assert "HTTP_CLIENT_API_KEY" not in document["services"]["app"]["environment"]
+    app = document["services"]["app"]
+    assert "HTTP_CLIENT_API_KEY_FILE" not in app["environment"]
+    assert [ref["source"] for ref in app["secrets"]] == ["admin_api_token"]
+    assert list(document["secrets"]) == ["admin_api_token"]
 
 
 def test_dollar_signs_in_values_are_escaped_for_deploy_time_interpolation(tmp_path: Path) -> None:
-    document, _, _ = render_ok(tmp_path, ADMIN_API_TOKEN="pa$$word-${HOME}")
-    assert document["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$$$word-$${HOME}"
+    document, _, _ = render_ok(tmp_path, CACHE_BYPASS_PATHS="/pa$$word-${HOME}")
+    environment = document["services"]["app"]["environment"]
+    assert environment["CACHE_BYPASS_PATHS"] == "/pa$$$$word-$${HOME}"
 
 
 def test_app_service_has_health_resources_and_safe_rolling_updates(tmp_path: Path) -> None:
@@ -214,7 +256,7 @@ def test_eviction_policy_that_could_drop_api_keys_is_refused(tmp_path: Path) -> 
 
 @pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
 def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
-    _, stack_file, _ = render_ok(tmp_path, ADMIN_API_TOKEN="pa$$word")
+    _, stack_file, _ = render_ok(tmp_path, CACHE_BYPASS_PATHS="/pa$$word")
     result = subprocess.run(
         ["docker", "stack", "config", "-c", str(stack_file)],
         capture_output=True,
@@ -224,4 +266,130 @@ def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
-    assert config["services"]["app"]["environment"]["ADMIN_API_TOKEN"] == "pa$$word"
+    assert config["services"]["app"]["environment"]["CACHE_BYPASS_PATHS"] == "/pa$$word"
+
+
+# -- the app's own settings schema judges the app's environment ------------------------------
+
+
+def rendered_app_environment(
+    document: dict[str, Any], *, secrets_inline: bool = True
+) -> dict[str, str]:
+    """What a task's environment holds once Swarm has interpolated the stack file; with
+    secrets_inline, the sample secrets stand where the task reads them from files."""
+    environment = document["services"]["app"]["environment"]
+    resolved = {name: str(value).replace("$$", "$") for name, value in environment.items()}
+    if secrets_inline:
+        for name, value in (
+            ("ADMIN_API_TOKEN", ADMIN_TOKEN),
+            ("HTTP_CLIENT_API_KEY", UPSTREAM_KEY),
+        ):
+            if resolved.pop(f"{name}_FILE", None):
+                resolved[name] = value
+    return resolved
+
+
+# Each of these once rendered fine and then crash-looped every task at start-up.
+APP_REFUSES = [
+    ("HTTP_CLIENT_BASE_URL", "https://upstream.example.com/v2?tenant=1"),
+    ("HTTP_CLIENT_BASE_URL", "https://user:pw@upstream.example.com"),
+    ("CACHE_BYPASS_PATHS", "/auth,users/me"),
+    ("API_KEYS_REDIS_PREFIX", "api keys"),
+    ("API_KEYS_REDIS_PREFIX", "x" * 65),
+    ("HTTP_CLIENT_TIMEOUT", "600001"),
+    ("PROXY_BODY_LIMIT", str(100 * 1024 * 1024 + 1)),
+    ("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", "86401"),
+    ("LOG_LEVEL", "verbose"),
+    ("CACHE_DEBUG", "maybe"),
+    ("DEPLOY_ID", "run 7"),
+]
+# And these the render used to refuse although the app takes them.
+APP_ACCEPTS = [
+    ("PROXY_BODY_LIMIT", "0"),
+    ("HTTP_CLIENT_TIMEOUT", "600000"),
+    ("API_KEYS_REDIS_PREFIX", "tenant:api-keys.v2"),
+    ("CACHE_BYPASS_PATHS", "/api/v1/auth, /users/me"),
+    ("CACHE_DEBUG", "1"),
+    ("LOG_LEVEL", "WARNING"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), APP_REFUSES, ids=lambda v: str(v)[:24])
+def test_settings_the_app_refuses_are_refused_by_the_render_with_the_apps_reason(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    result = run_render(sample_env(**{name: value}), tmp_path / "out")
+    assert result.returncode == 2, result.stdout
+    assert f"app setting {name}=" in result.stderr
+    assert not (tmp_path / "out" / "stack.yml").exists()
+    # The reverse direction: the app, given what the stack would have set, refuses it too.
+    document, _, _ = render_ok(tmp_path)
+    environment = {**rendered_app_environment(document), name: value}
+    with pytest.raises(SettingsError):
+        load_settings(environment)
+
+
+@pytest.mark.parametrize(("name", "value"), APP_ACCEPTS, ids=lambda v: str(v)[:24])
+def test_settings_the_app_accepts_render_and_load_in_the_app(
+    tmp_path: Path, name: str, value: str
+) -> None:
+    document, _, _ = render_ok(tmp_path, **{name: value})
+    environment = rendered_app_environment(document)
+    assert environment[name] == value
+    load_settings(environment)
+
+
+def test_the_app_starts_with_exactly_the_rendered_environment(tmp_path: Path) -> None:
+    document, _, _ = render_ok(tmp_path, PROXY_BODY_LIMIT="0", ADMIN_API_TOKEN="pa$$word")
+    environment = rendered_app_environment(document, secrets_inline=False)
+    # Swarm mounts each secret as a file readable by the app's user; so does this test.
+    for name, value in (("ADMIN_API_TOKEN", "pa$$word"), ("HTTP_CLIENT_API_KEY", UPSTREAM_KEY)):
+        secret_file = tmp_path / name.lower()
+        secret_file.write_text(value)
+        secret_file.chmod(0o400)
+        assert environment[f"{name}_FILE"] == f"/run/secrets/{name.lower()}"
+        environment[f"{name}_FILE"] = str(secret_file)
+    # Only where it listens and how long it drains differ from a task: a test must not wait
+    # out the 20 s drain. Redis (the stack's service name) is not reachable here; the app
+    # still starts and reports itself live, as a task does before Redis answers.
+    environment.pop("PORT")
+    environment["SHUTDOWN_DRAIN_SECONDS"] = "0"
+    gateway = Gateway(environment).start()
+    try:
+        assert requests.get(f"{gateway.url}/health/live", timeout=5).status_code == 200
+    finally:
+        assert gateway.terminate() == 0
+
+
+def seconds(duration: str) -> float:
+    """A compose duration such as 1s, 500ms or 1m30s in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    parts = re.findall(r"([0-9.]+)(ms|h|m|s)", duration)
+    assert parts, duration
+    assert "".join(n + u for n, u in parts) == duration, duration
+    return sum(float(number) * units[unit] for number, unit in parts)
+
+
+def test_a_new_redis_task_is_probed_within_a_second_of_starting(tmp_path: Path) -> None:
+    """The new Redis task gets its DNS name at its first passing probe, one interval after it
+    starts; every request is 503 until then."""
+    document, _, _ = render_ok(tmp_path)
+    redis = document["services"]["redis"]
+    healthcheck = redis["healthcheck"]
+    assert seconds(healthcheck["interval"]) <= 1
+    assert seconds(redis["deploy"]["restart_policy"]["delay"]) <= 1
+    # Short probes must not make a busy or loading Redis count as unhealthy and be killed.
+    assert seconds(healthcheck["interval"]) * healthcheck["retries"] >= 10
+    assert seconds(healthcheck["start_period"]) >= 30
+
+
+def test_traefik_takes_replicas_back_within_a_second_of_turning_ready(tmp_path: Path) -> None:
+    """After a Redis restart every replica was unready; Traefik serves them again only at its
+    next passing probe, so its interval adds to the 503 window (and a stopping replica leaves
+    the rotation within one interval)."""
+    document, _, _ = render_ok(tmp_path, QUANTUM_STACK="gw")
+    labels = document["services"]["app"]["deploy"]["labels"]
+    prefix = "traefik.http.services.gw.loadbalancer.healthcheck"
+    assert labels[f"{prefix}.path"] == "/health/ready"
+    assert seconds(labels[f"{prefix}.interval"]) <= 1
+    assert seconds(labels[f"{prefix}.timeout"]) <= seconds(labels[f"{prefix}.interval"])
