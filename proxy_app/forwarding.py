@@ -11,6 +11,7 @@ from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
 from proxy_app.errors import BadRequest
+from proxy_app.headers import HOP_BY_HOP_HEADERS
 from proxy_app.memo import remembered
 
 GATEWAY_PREFIX = "/api/v1"
@@ -40,20 +41,6 @@ FORWARDED_REQUEST_HEADERS = frozenset(
         "x-b3-sampled",
         "x-b3-flags",
         "x-correlation-id",
-    }
-)
-
-# RFC 9110 section 7.6.1: they describe one connection, not the message; the upstream may name
-# more in its Connection header.
-HOP_BY_HOP_HEADERS = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
     }
 )
 

@@ -15,12 +15,14 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
+from proxy_app.headers import HOP_BY_HOP_HEADERS
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_BODY_TYPES = ("application/json", "application/*+json")
 # Request headers an operator may not add to the forwarded ones: credentials (the client's and
 # the gateway's), the client's routing and connection, and framing the HTTP client sets itself.
-UNFORWARDABLE_REQUEST_HEADERS = frozenset(
+UNFORWARDABLE_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
     {
         "x-api-key",
         "api_key",
@@ -30,13 +32,6 @@ UNFORWARDABLE_REQUEST_HEADERS = frozenset(
         "host",
         "forwarded",
         "content-length",
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
     }
 )
 
