@@ -134,6 +134,8 @@ class RedisService:
             redis.exceptions.MasterDownError,
             redis.exceptions.AuthenticationError,
             redis.exceptions.NoPermissionError,
+            # Any other error reply (a Redis in protected mode answers every command with one).
+            redis.exceptions.ResponseError,
             ReplyError,
         ) as exc:
             # The server answers but refuses this command: fail it, without declaring an

@@ -80,3 +80,23 @@ def test_empty_admin_token_refuses_every_admin_call(
     app = create_app(make_settings(admin_api_token=""))
     response = app.test_client().get("/internal/metrics", headers={"authorization": "Bearer "})
     assert response.status_code == 401
+
+
+def test_a_redis_that_answers_every_command_with_an_error_is_reported_down(
+    app: Flask, client: FlaskClient
+) -> None:
+    """A Redis in protected mode, or one refusing the gateway's credentials, answers with an
+    error reply instead of not answering: health says so instead of failing with a 500."""
+    import redis as redis_py
+
+    class Refusing:
+        def ping(self) -> object:  # what redis-py raises for such a reply
+            raise redis_py.exceptions.ResponseError("DENIED Redis is running in protected mode")
+
+    app.extensions["proxy_app.redis"].cache.use_client(Refusing())
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.json is not None
+    assert health.json["status"] == "degraded"
+    assert health.json["redis"] == {"cache": "down"}
+    assert client.get("/health/ready").status_code == 503
