@@ -15,6 +15,19 @@ from proxy_app.forwarding import GATEWAY_PREFIX
 
 # Browsers may reuse a preflight answer this long (they cap it themselves: Chromium at 2 hours).
 PREFLIGHT_MAX_AGE_S = 600
+# Response headers every browser script may read without being told (Fetch standard).
+_SAFELISTED_RESPONSE_HEADERS = frozenset(
+    {
+        "cache-control",
+        "content-language",
+        "content-length",
+        "content-type",
+        "expires",
+        "last-modified",
+        "pragma",
+        "vary",
+    }
+)
 # What a browser script may read of an answer besides the CORS-safelisted headers.
 EXPOSED_HEADERS = (
     "x-ratelimit-limit",
@@ -100,8 +113,22 @@ class CorsPolicy:
         allowed = self.allow_origin(request.headers.get("Origin"))
         if allowed is not None:
             response.headers["access-control-allow-origin"] = allowed
-            response.headers["access-control-expose-headers"] = self.exposed
+            response.headers["access-control-expose-headers"] = self._exposed_for(response)
         return response
+
+    def _exposed_for(self, response: Response) -> str:
+        """The gateway's own headers, then every other one this answer carries that a script
+        could not read otherwise (an upstream's pagination headers such as X-Total-Count)."""
+        extra = [
+            lowered
+            for lowered in (name.lower() for name, _ in response.headers)
+            if lowered not in _SAFELISTED_RESPONSE_HEADERS
+            and lowered not in EXPOSED_HEADERS
+            and not lowered.startswith("access-control-")
+        ]
+        if not extra:
+            return self.exposed
+        return ", ".join((self.exposed, *dict.fromkeys(extra)))
 
 
 def _is_proxied(path: str) -> bool:

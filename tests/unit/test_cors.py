@@ -185,3 +185,25 @@ def test_without_configured_origins_there_is_no_cors(stub: StubUpstream) -> None
     assert "access-control-allow-origin" not in preflight.headers
     response = keyed(app).get("/api/v1/x", headers={"Origin": APP_ORIGIN})
     assert "access-control-allow-origin" not in response.headers
+
+
+def test_an_allowed_origin_may_read_the_upstreams_own_headers(stub: StubUpstream) -> None:
+    """A single-page app paging through the API reads X-Total-Count and Link; the gateway's
+    own headers stay first, safelisted ones are not repeated."""
+    client = keyed(cors_app(stub))
+    stub.reply(
+        "/v4/orders",
+        Reply(
+            headers=(
+                ("Content-Type", "application/json"),
+                ("X-Total-Count", "120"),
+                ("Link", '</orders?page=2>; rel="next"'),
+            )
+        ),
+    )
+    response = client.get("/api/v1/orders", headers={"Origin": APP_ORIGIN})
+    exposed = response.headers["access-control-expose-headers"].split(", ")
+    assert exposed[:3] == ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"]
+    assert {"x-total-count", "link"} <= set(exposed)
+    assert "content-type" not in exposed
+    assert len(exposed) == len(set(exposed))
