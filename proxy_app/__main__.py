@@ -18,7 +18,6 @@ import tempfile
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
-from gunicorn.glogging import Logger as GunicornLogger
 
 from proxy_app.logging import configure as configure_logging
 from proxy_app.logging import logging_config, register_secrets
@@ -36,14 +35,6 @@ SHUTDOWN_MARGIN_S = 2
 # Read by prometheus_client when it is first imported (in the workers, after the fork); this
 # module must therefore not import it.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-class ServerLogger(GunicornLogger):  # type: ignore[misc]
-    """gunicorn's logger without its access log: the app writes one line per request itself,
-    and gunicorn would otherwise build its access-log fields for every request regardless."""
-
-    def _compute_access_log_enabled(self) -> bool:
-        return False
 
 
 class GatewayServer(BaseApplication):  # type: ignore[misc]
@@ -72,7 +63,6 @@ class GatewayServer(BaseApplication):  # type: ignore[misc]
             "loglevel": settings.log_level,
             "logconfig_dict": logging_config(settings.log_level),
             "accesslog": None,
-            "logger_class": ServerLogger,
             "errorlog": "-",
             "proc_name": "proxy_app",
             # No runtime control socket: nothing to write under $HOME on a read-only image.

@@ -547,7 +547,7 @@ class Connection:
         reason = _STATUS_REASONS.get(refused.status, "Bad Request")
         head = (
             f"HTTP/1.1 {refused.status} {reason}\r\n"
-            f"date: {http_date()}\r\n"
+            f"date: {current_http_date()}\r\n"
             "content-type: application/json\r\n"
             f"content-length: {len(body)}\r\n"
             "connection: close\r\n\r\n"
@@ -664,7 +664,7 @@ class _Response:
                 has_date = True
             lines.append(f"{name}: {value}")
         if not has_date:
-            lines.append(f"date: {http_date()}")
+            lines.append(f"date: {current_http_date()}")
         if self._expected is None and not self._no_body:
             if complete:
                 self._expected = first_chunk
@@ -693,7 +693,7 @@ def _chunk(data: bytes) -> bytes:
 _date_cache: tuple[int, str] = (0, "")
 
 
-def http_date() -> str:
+def current_http_date() -> str:
     """The Date header value, formatted once a second."""
     global _date_cache
     now = int(time.time())

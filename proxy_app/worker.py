@@ -78,6 +78,11 @@ class GatewayWorker(Worker):  # type: ignore[misc]
             log.info("the gunicorn master is gone: stopping")
             self._begin_shutdown(False)
 
+    def _setting(self, name: str, default: float) -> float:
+        """A setting of the gateway's; another app served by this class (the benchmark's
+        hello) has none, and gets the server's defaults."""
+        return float(getattr(getattr(self.app, "settings", None), name, default))
+
     # --- serving -------------------------------------------------------------------------
 
     def run(self) -> None:
@@ -103,12 +108,11 @@ class GatewayWorker(Worker):  # type: ignore[misc]
         self._shut_down(servers, pool)
 
     def _connection_handler(self, template: dict[str, Any], fair_share: Any) -> Any:
-        from proxy_app.http_connection import Connection
+        from proxy_app.http_connection import REQUEST_TIMEOUT_S, Connection
 
         app = self.wsgi
         keepalive_s = float(self.cfg.keepalive)
-        settings = getattr(self.app, "settings", None)
-        request_timeout_s = float(getattr(settings, "client_request_timeout_s", 30))
+        request_timeout_s = self._setting("client_request_timeout_s", REQUEST_TIMEOUT_S)
         connections = self._connections
         state = self._state
         assert state is not None
@@ -174,9 +178,8 @@ class GatewayWorker(Worker):  # type: ignore[misc]
     def _shut_down(self, servers: list[gevent.server.StreamServer], pool: gevent.pool.Pool) -> None:
         assert self._drain_cut is not None
         assert self._state is not None
-        settings = getattr(self.app, "settings", None)
-        drain_s = float(getattr(settings, "shutdown_drain_s", 0))
-        graceful_s = float(getattr(settings, "graceful_timeout_s", self.cfg.graceful_timeout))
+        drain_s = self._setting("shutdown_drain_s", 0)
+        graceful_s = self._setting("graceful_timeout_s", self.cfg.graceful_timeout)
         if drain_s > 0 and not self._drain_cut.is_set():
             log.info(
                 "shutting down: still serving while the ingress notices",
