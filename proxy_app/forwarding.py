@@ -99,6 +99,19 @@ class Target:
     refusal: str | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProxyRequest:
+    """What a proxied request asks of the upstream, worked out once before the key check."""
+
+    target: str | None  # the upstream path; None when the path was refused
+    refusal: BadRequest | None
+    query: str
+    forwarded: dict[str, str]
+    client_headers: list[tuple[str, str]]  # every request header, for Vary
+    cache_key: str | None  # the entry a GET/HEAD may be answered from; None: no cache use
+    prefetch_key: str | None = None  # the entry to read along with the key check
+
+
 # Clients repeat their request targets: up to 256 characters, the 2,048 most recent are
 # remembered once judged (at most about 1.5 MB per worker).
 @remembered(most=2048, longest=256)

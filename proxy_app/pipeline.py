@@ -7,10 +7,11 @@ import random
 import re
 import time
 
-from flask import Flask, Response, g, request
+from flask import Flask, Response, request
 
-from proxy_app import services
+from proxy_app import request_state, services
 from proxy_app.logging import reset_request_id, set_request_id
+from proxy_app.request_state import RequestState
 
 log = logging.getLogger("proxy_app.access")
 
@@ -37,16 +38,14 @@ def new_request_id() -> str:
 
 
 def _start_request() -> None:
-    state = g._get_current_object()  # one context lookup for the several uses below
-    state.started = time.perf_counter()
     incoming = request.environ.get(_REQUEST_ID_ENVIRON, "")
     request_id = incoming if _VALID_REQUEST_ID.match(incoming) else new_request_id()
-    state.request_id = request_id
+    state = request_state.begin(RequestState(request_id, time.perf_counter()))
     state.request_id_token = set_request_id(request_id)
 
 
 def _finish_request(response: Response) -> Response:
-    state = g._get_current_object()
+    state = request_state.current()
     current = request._get_current_object()  # type: ignore[attr-defined]
     response.headers[REQUEST_ID_HEADER] = state.request_id
     duration_s = time.perf_counter() - state.started
@@ -62,19 +61,16 @@ def _finish_request(response: Response) -> Response:
             "path": path,
             "status": response.status_code,
             "duration_ms": round(duration_s * 1000, 2),
+            **state.log_fields(),
         }
-        for name in ("upstream_status", "upstream_ms", "cache", "key_id"):
-            value = state.get(name)
-            if value is not None:
-                fields[name] = value
         log.log(level, "request", extra=fields)
     return response
 
 
 def _teardown_request(_exc: BaseException | None) -> None:
-    token = g.pop("request_id_token", None)
-    if token is not None:
-        reset_request_id(token)
+    state = request_state.ended()
+    if state is not None and state.request_id_token is not None:
+        reset_request_id(state.request_id_token)
 
 
 def init_app(app: Flask) -> None:

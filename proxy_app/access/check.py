@@ -7,9 +7,9 @@ import dataclasses
 from pathlib import Path
 from typing import NoReturn
 
-from flask import Response, g, request
+from flask import Response, request
 
-from proxy_app import services
+from proxy_app import request_state, services
 from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
 from proxy_app.access.ratelimit import RateLimitPolicy, RateLimitState, rate_limit_headers
 from proxy_app.cache.store import Prefetched
@@ -74,10 +74,11 @@ def enforce_api_key() -> None:
     if key_id is None:
         _reject("invalid")
     gate = services.access_gate()
-    state = g._get_current_object()  # one context lookup for the several uses below
+    state = request_state.current()
+    plan = state.proxy
     try:
-        # The proxy may have named, in g, a cache entry it will want: read in the same trip.
-        decision = gate.check(key_id, raw_key, state.get("cache_prefetch_key"))
+        # The proxy may have named a cache entry it will want: read in the same trip.
+        decision = gate.check(key_id, raw_key, plan.prefetch_key if plan is not None else None)
     except RedisUnavailable:
         services.metrics().auth_rejections.labels("unavailable").inc()
         raise ServiceUnavailable(
@@ -89,7 +90,7 @@ def enforce_api_key() -> None:
         _reject("invalid" if decision.outcome == "unknown" else decision.outcome)
     state.key_id = key_id
     state.rate_limit = decision.rate
-    state.cache_prefetched = decision.prefetched
+    state.prefetched = decision.prefetched
     if decision.outcome == "limited" and decision.rate is not None:
         services.metrics().rate_limited.inc()
         raise TooManyRequests(
@@ -101,7 +102,7 @@ def enforce_api_key() -> None:
 
 def add_rate_limit_headers(response: Response) -> Response:
     """after_request of the proxy: every answer to a known key says where its limit stands."""
-    state: RateLimitState | None = g.get("rate_limit")
+    state = request_state.current().rate_limit
     if state is not None:
         # Appended: no answer carries these names before this point (upstream ones are not
         # passed on), so there is nothing to replace.

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import orjson
-from flask import Blueprint, Response, g, request
+from flask import Blueprint, Response, request
 from werkzeug.datastructures import Headers
 from werkzeug.routing import PathConverter
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
-from proxy_app import services
+from proxy_app import request_state, services
 from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
 from proxy_app.cache.http import Served
 from proxy_app.cache.policy import key_hash
@@ -27,6 +26,7 @@ from proxy_app.errors import (
     UnsupportedMediaType,
 )
 from proxy_app.forwarding import (
+    ProxyRequest,
     body_type_allowed,
     client_header_items,
     forward_request_headers,
@@ -35,6 +35,7 @@ from proxy_app.forwarding import (
 )
 from proxy_app.http_connection import ResponseAborted
 from proxy_app.logging import reset_request_id, set_request_id
+from proxy_app.request_state import RequestState
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
@@ -51,25 +52,16 @@ class AnyPathConverter(PathConverter):
 bp = Blueprint("proxy", __name__)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class ProxyRequest:
-    """What the request asks of the upstream, worked out once before the key check."""
-
-    target: str | None  # the upstream path; None when the path was refused
-    refusal: BadRequest | None
-    query: str
-    forwarded: dict[str, str]
-    client_headers: list[tuple[str, str]]  # every request header, for Vary
-    cache_key: str | None  # the entry a GET/HEAD may be answered from; None: no cache use
-
-
 def plan_request() -> None:
     """before_request, ahead of the key check: judge the target and, for a GET or HEAD that may
     be answered from the cache, name the entry so the key check can read it along (one Redis
     round trip for both, when keys and cache share a Redis)."""
+    state = request_state.current()
     judged = judge_target(_raw_uri())
     client_headers = client_header_items(request.environ)
-    forwarded = forward_request_headers(client_headers, g.request_id, services.forwarded_headers())
+    forwarded = forward_request_headers(
+        client_headers, state.request_id, services.forwarded_headers()
+    )
     refusal = None
     if judged.refusal is not None:
         refusal = BadRequest(judged.refusal, code="invalid_path")
@@ -78,12 +70,11 @@ def plan_request() -> None:
         cache_key = services.proxy_cache().lookup_key(
             judged.path, judged.query, forwarded, [name for name, _ in client_headers]
         )
-    g.proxy_request = ProxyRequest(
-        judged.path, refusal, judged.query, forwarded, client_headers, cache_key
-    )
     redis = services.redis()
-    if redis.keys is redis.cache:
-        g.cache_prefetch_key = cache_key
+    prefetch_key = cache_key if redis.keys is redis.cache else None
+    state.proxy = ProxyRequest(
+        judged.path, refusal, judged.query, forwarded, client_headers, cache_key, prefetch_key
+    )
 
 
 bp.before_request(plan_request)
@@ -103,7 +94,9 @@ def _mark_uncached(response: Response) -> Response:
 )
 @bp.route("/api/v1/<anypath:path>", methods=PROXIED_METHODS, provide_automatic_options=False)
 def proxy(path: str) -> Response:
-    planned: ProxyRequest = g.proxy_request
+    state = request_state.current()
+    planned = state.proxy
+    assert planned is not None  # planned by the blueprint's first hook
     if planned.target is None:
         raise planned.refusal or BadRequest("The path was refused.", code="invalid_path")
     target, raw_query, headers = planned.target, planned.query, planned.forwarded
@@ -118,12 +111,12 @@ def proxy(path: str) -> Response:
                 raw_query,
                 headers,
                 planned.cache_key,
-                g.get("cache_prefetched"),
+                state.prefetched,
                 planned.client_headers,
             )
         else:
             served = cache.forward_write(method, target, raw_query, headers, body)
-    return client_response(served, method)
+    return client_response(served, method, state)
 
 
 @contextlib.contextmanager
@@ -168,7 +161,7 @@ class UpstreamAnswer(Response):
         return self.response  # type: ignore[return-value]
 
 
-def client_response(served: Served, method: str) -> Response:
+def client_response(served: Served, method: str, state: RequestState) -> Response:
     """The client's copy: status, body bytes and safe headers, plus what the cache did. A body
     still arriving from the upstream is passed on piece by piece as the server sends it."""
     headers = [*served.headers, ("x-cache", served.outcome.value)]
@@ -179,7 +172,7 @@ def client_response(served: Served, method: str) -> Response:
         if streamed_length is not None:
             # Known up front: the server sends the body as it is, without chunked framing.
             headers.append(("content-length", str(streamed_length)))
-        body = StreamedBody(served.stream, g.get("request_id"))
+        body = StreamedBody(served.stream, state.request_id)
         response = UpstreamAnswer(body, status=served.status, headers=headers)
     else:
         response = UpstreamAnswer(served.body, status=served.status, headers=headers)
@@ -190,10 +183,10 @@ def client_response(served: Served, method: str) -> Response:
         length = served.upstream.header("content-length")
         if length is not None and length.isdigit():
             response.headers["content-length"] = length
-    g.cache = served.outcome.value
+    state.cache = served.outcome.value
     if served.upstream is not None:
-        g.upstream_status = served.upstream.status
-        g.upstream_ms = round(served.upstream.elapsed_ms, 2)
+        state.upstream_status = served.upstream.status
+        state.upstream_ms = round(served.upstream.elapsed_ms, 2)
     services.metrics().count_cache_outcome(served.outcome.value)
     return response
 
