@@ -68,12 +68,13 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions[services.FORWARDED_HEADERS] = forwarded_request_headers(
         settings.proxy_forward_request_headers
     )
-    app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
+    proxy_cache = app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
     app.extensions[services.KEY_REGISTRY] = KeyRegistry(redis.keys, settings.api_keys_redis_prefix)
-    app.extensions[services.ACCESS_GATE] = AccessGate(
+    gate = AccessGate(
         redis.keys,
         settings.api_keys_redis_prefix,
         RateLimitPolicy(settings.rate_limit_max_requests, settings.rate_limit_window_s),
+        metrics,
     )
 
     pipeline.init_app(app)
@@ -90,7 +91,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     register_error_handlers(app)
     app.register_blueprint(health.bp)
-    app.register_blueprint(proxy.bp)
+    app.register_blueprint(
+        proxy.blueprint(
+            gate,
+            proxy_cache,
+            app.extensions[services.FORWARDED_HEADERS],
+            read_along=redis.shared,
+        )
+    )
     app.register_blueprint(admin_metrics.bp)
     app.register_blueprint(admin_keys.bp)
     app.register_blueprint(admin_cache.bp)

@@ -10,7 +10,6 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from proxy_app.errors import BadRequest
 from proxy_app.headers import HOP_BY_HOP_HEADERS
 from proxy_app.memo import remembered
 
@@ -104,12 +103,11 @@ class ProxyRequest:
     """What a proxied request asks of the upstream, worked out once before the key check."""
 
     target: str | None  # the upstream path; None when the path was refused
-    refusal: BadRequest | None
+    refusal: str | None  # why the path was refused
     query: str
     forwarded: dict[str, str]
     client_headers: list[tuple[str, str]]  # every request header, for Vary
     cache_key: str | None  # the entry a GET/HEAD may be answered from; None: no cache use
-    prefetch_key: str | None = None  # the entry to read along with the key check
 
 
 # Clients repeat their request targets: up to 256 characters, the 2,048 most recent are
@@ -119,22 +117,27 @@ def judge_target(raw_uri: str) -> Target:
     """The upstream target for a raw request URI (path and query as the client sent them)."""
     raw_path, raw_query = split_raw_uri(raw_uri)
     query = normalize_percent_encoding(raw_query)
-    try:
-        return Target(upstream_path(raw_path, query), query)
-    except BadRequest as exc:
-        return Target(None, query, exc.message)
+    refusal = target_refusal(raw_path, query)
+    if refusal is not None:
+        return Target(None, query, refusal)
+    return Target(upstream_path(raw_path), query)
 
 
-def upstream_path(raw_path: str, raw_query: str) -> str:
-    """The upstream path for a gateway path, raw (still percent-encoded), or BadRequest when
-    it could leave the upstream origin."""
+def target_refusal(raw_path: str, raw_query: str) -> str | None:
+    """Why a gateway path and query may not be sent upstream (they could leave the upstream
+    origin), or None."""
     if raw_path != GATEWAY_PREFIX and not raw_path.startswith(GATEWAY_PREFIX + "/"):
-        raise BadRequest("The path is not under /api/v1.", code="invalid_path")
-    path = raw_path[len(GATEWAY_PREFIX) :] or "/"
-    problem = path_problem(path) or _query_problem(raw_query)
+        return f"The path is not under {GATEWAY_PREFIX}."
+    problem = path_problem(raw_path[len(GATEWAY_PREFIX) :] or "/") or _query_problem(raw_query)
     if problem:
-        raise BadRequest(f"The path was refused: {problem}.", code="invalid_path")
-    return normalize_percent_encoding(path)
+        return f"The path was refused: {problem}."
+    return None
+
+
+def upstream_path(raw_path: str) -> str:
+    """The upstream path for a gateway path that ``target_refusal`` let through, still
+    percent-encoded."""
+    return normalize_percent_encoding(raw_path[len(GATEWAY_PREFIX) :] or "/")
 
 
 def normalize_percent_encoding(text: str) -> str:

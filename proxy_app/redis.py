@@ -199,8 +199,13 @@ class RedisConnections:
                 on_error=on_error,
             )
 
+    @property
+    def shared(self) -> bool:
+        """Keys and cache live in one Redis (one script may touch both)."""
+        return self.keys is self.cache
+
     def services(self) -> list[RedisService]:
-        return [self.cache] if self.keys is self.cache else [self.cache, self.keys]
+        return [self.cache] if self.shared else [self.cache, self.keys]
 
     def status(self) -> dict[str, Any]:
         return {service.name: "up" if service.ping() else "down" for service in self.services()}

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, cast
 from flask import current_app
 
 if TYPE_CHECKING:
-    from proxy_app.access.check import AccessGate
     from proxy_app.access.keys import KeyRegistry
     from proxy_app.cache.http import ProxyCache
     from proxy_app.metrics import Metrics
@@ -20,7 +19,6 @@ UPSTREAM = "proxy_app.upstream"
 REDIS = "proxy_app.redis"
 METRICS = "proxy_app.metrics"
 PROXY_CACHE = "proxy_app.proxy_cache"
-ACCESS_GATE = "proxy_app.access_gate"
 KEY_REGISTRY = "proxy_app.key_registry"
 FORWARDED_HEADERS = "proxy_app.forwarded_headers"
 
@@ -45,14 +43,5 @@ def proxy_cache() -> ProxyCache:
     return cast("ProxyCache", current_app.extensions[PROXY_CACHE])
 
 
-def access_gate() -> AccessGate:
-    return cast("AccessGate", current_app.extensions[ACCESS_GATE])
-
-
 def key_registry() -> KeyRegistry:
     return cast("KeyRegistry", current_app.extensions[KEY_REGISTRY])
-
-
-def forwarded_headers() -> frozenset[str]:
-    """The request header names sent upstream: the allowlist and PROXY_FORWARD_REQUEST_HEADERS."""
-    return cast("frozenset[str]", current_app.extensions[FORWARDED_HEADERS])

@@ -4,16 +4,14 @@ rate limit, or the request ends here (401, 429, or 503 when Redis cannot tell)."
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from flask import Response, request
-
-from proxy_app import request_state, services
 from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
 from proxy_app.access.ratelimit import RateLimitPolicy, RateLimitState, rate_limit_headers
-from proxy_app.cache.store import Prefetched
 from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
+from proxy_app.metrics import Metrics
 from proxy_app.redis import RedisService, RedisUnavailable
 
 API_KEY_HEADER = "x-api-key"
@@ -32,24 +30,38 @@ _REJECTIONS = {
 class AccessDecision:
     outcome: str  # ok, unknown, revoked, expired, limited
     rate: RateLimitState | None = None
-    prefetched: Prefetched | None = None
+    # The entry asked to be read along (``also_read``), when it was: its bytes, b"" if absent.
+    read_along: bytes | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Admission:
+    """A request let through the key check: its key and where its rate limit stands."""
+
+    key_id: str
+    rate: RateLimitState
+    read_along: bytes | None  # see AccessDecision.read_along
+    limited: bool = False  # over its limit: refused by AccessGate.enforce_limit
 
 
 class AccessGate:
     """Checks a key and charges its rate limit in one Redis round trip."""
 
-    def __init__(self, redis: RedisService, prefix: str, policy: RateLimitPolicy) -> None:
+    def __init__(
+        self, redis: RedisService, prefix: str, policy: RateLimitPolicy, metrics: Metrics
+    ) -> None:
         self.redis = redis
         self.names = KeyNamespace(prefix)
         self.policy = policy
+        self.metrics = metrics
         self._script = redis.client.register_script(_SCRIPT)
 
-    def check(self, key_id: str, raw_key: str, prefetch: str | None = None) -> AccessDecision:
-        """Check the key and charge its limit; with ``prefetch``, also read that Redis key when
+    def check(self, key_id: str, raw_key: str, also_read: str | None = None) -> AccessDecision:
+        """Check the key and charge its limit; with ``also_read``, also read that Redis key when
         the request is allowed. Raises RedisUnavailable when the answer cannot be had."""
         keys = [self.names.record(key_id), self.names.rate(key_id)]
-        if prefetch is not None:
-            keys.append(prefetch)
+        if also_read is not None:
+            keys.append(also_read)
         args: list[str | int] = [hash_key(raw_key), self.policy.limit, self.policy.window_ms]
         reply = self.redis.run_script(self._script, keys, args)
         if not isinstance(reply, list) or not reply or reply[0] not in _OUTCOMES:
@@ -59,57 +71,51 @@ class AccessGate:
         if outcome not in ("ok", "limited"):
             return AccessDecision(outcome)
         state = RateLimitState.from_script(int(reply[1]), int(reply[2]), int(reply[3]))
-        prefetched = None
-        if prefetch is not None and len(reply) > 4:
-            prefetched = Prefetched(prefetch, reply[4] or None)
-        return AccessDecision(outcome, state, prefetched)
+        read_along = None
+        if also_read is not None and len(reply) > 4:
+            read_along = reply[4] or b""
+        return AccessDecision(outcome, state, read_along)
 
+    def admit(self, environ: Mapping[str, Any], also_read: str | None = None) -> Admission:
+        """The key check of a request (its WSGI environ), then its rate limit: the admission,
+        or 401 / 503 raised. A limited key is admitted too, to be refused by ``enforce_limit``
+        once the request has recorded where its limit stands."""
+        raw_key = environ.get(_API_KEY_ENVIRON, "").strip()
+        if not raw_key:
+            self._reject("missing")
+        key_id = key_id_of(raw_key)
+        if key_id is None:
+            self._reject("invalid")
+        try:
+            decision = self.check(key_id, raw_key, also_read)
+        except RedisUnavailable:
+            self.metrics.auth_rejections.labels("unavailable").inc()
+            raise ServiceUnavailable(
+                "API keys cannot be checked right now; try again shortly.",
+                code="auth_unavailable",
+                headers={"retry-after": "1"},
+            ) from None
+        if decision.rate is None:  # unknown, revoked or expired
+            self._reject("invalid" if decision.outcome == "unknown" else decision.outcome)
+        if decision.outcome == "limited":
+            return Admission(key_id, decision.rate, None, limited=True)
+        return Admission(key_id, decision.rate, decision.read_along)
 
-def enforce_api_key() -> None:
-    """before_request of the proxy: the key check, then the rate limit."""
-    raw_key = request.environ.get(_API_KEY_ENVIRON, "").strip()
-    if not raw_key:
-        _reject("missing")
-    key_id = key_id_of(raw_key)
-    if key_id is None:
-        _reject("invalid")
-    gate = services.access_gate()
-    state = request_state.current()
-    plan = state.proxy
-    try:
-        # The proxy may have named a cache entry it will want: read in the same trip.
-        decision = gate.check(key_id, raw_key, plan.prefetch_key if plan is not None else None)
-    except RedisUnavailable:
-        services.metrics().auth_rejections.labels("unavailable").inc()
-        raise ServiceUnavailable(
-            "API keys cannot be checked right now; try again shortly.",
-            code="auth_unavailable",
-            headers={"retry-after": "1"},
-        ) from None
-    if decision.outcome in ("unknown", "revoked", "expired"):
-        _reject("invalid" if decision.outcome == "unknown" else decision.outcome)
-    state.key_id = key_id
-    state.rate_limit = decision.rate
-    state.prefetched = decision.prefetched
-    if decision.outcome == "limited" and decision.rate is not None:
-        services.metrics().rate_limited.inc()
+    def enforce_limit(self, admission: Admission) -> None:
+        """429 when the admitted request is over its key's rate limit."""
+        if not admission.limited:
+            return
+        rate = admission.rate
+        self.metrics.rate_limited.inc()
         raise TooManyRequests(
             "Rate limit exceeded for this API key.",
-            headers={"retry-after": str(decision.rate.retry_after_s)},
-            retryAfter=decision.rate.retry_after_s,
+            headers={"retry-after": str(rate.retry_after_s)},
+            retryAfter=rate.retry_after_s,
         )
 
+    def rate_limit_headers(self, state: RateLimitState) -> dict[str, str]:
+        return rate_limit_headers(self.policy, state)
 
-def add_rate_limit_headers(response: Response) -> Response:
-    """after_request of the proxy: every answer to a known key says where its limit stands."""
-    state = request_state.current().rate_limit
-    if state is not None:
-        # Appended: no answer carries these names before this point (upstream ones are not
-        # passed on), so there is nothing to replace.
-        response.headers.extend(rate_limit_headers(services.access_gate().policy, state))
-    return response
-
-
-def _reject(reason: str) -> NoReturn:
-    services.metrics().auth_rejections.labels(reason).inc()
-    raise Unauthorized(_REJECTIONS[reason], code=f"{reason}_api_key")
+    def _reject(self, reason: str) -> NoReturn:
+        self.metrics.auth_rejections.labels(reason).inc()
+        raise Unauthorized(_REJECTIONS[reason], code=f"{reason}_api_key")

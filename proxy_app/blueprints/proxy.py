@@ -15,9 +15,10 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
 from proxy_app import request_state, services
-from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
-from proxy_app.cache.http import Served
+from proxy_app.access.check import AccessGate
+from proxy_app.cache.http import ProxyCache, Served
 from proxy_app.cache.policy import key_hash
+from proxy_app.cache.store import Prefetched
 from proxy_app.errors import (
     BadGateway,
     BadRequest,
@@ -49,74 +50,89 @@ class AnyPathConverter(PathConverter):
     part_isolating = False  # the match spans slashes
 
 
-bp = Blueprint("proxy", __name__)
+def blueprint(
+    gate: AccessGate, cache: ProxyCache, forwarded_headers: frozenset[str], *, read_along: bool
+) -> Blueprint:
+    """The proxy's routes and hooks, around the app's services. ``read_along``: keys and cache
+    share a Redis, so the key check reads the cache entry in the same round trip."""
+    bp = Blueprint("proxy", __name__)
+
+    @bp.before_request
+    def admit_request() -> None:
+        """Plan the request, then the key check and rate limit; for a GET or HEAD that may be
+        answered from the cache, the entry is read along with the key check when it can be."""
+        state = request_state.current()
+        plan = state.proxy = plan_request(state.request_id, cache, forwarded_headers)
+        also_read = plan.cache_key if read_along else None
+        admission = gate.admit(request.environ, also_read)
+        state.key_id = admission.key_id
+        state.rate_limit = admission.rate
+        if also_read is not None and admission.read_along is not None:
+            state.prefetched = Prefetched(also_read, admission.read_along or None)
+        gate.enforce_limit(admission)
+
+    @bp.after_request
+    def add_rate_limit_headers(response: Response) -> Response:
+        """Every answer to a known key says where its limit stands."""
+        rate = request_state.current().rate_limit
+        if rate is not None:
+            # Appended: no answer carries these names before this point (upstream ones are not
+            # passed on), so there is nothing to replace.
+            response.headers.extend(gate.rate_limit_headers(rate))
+        return response
+
+    @bp.after_request
+    def mark_uncached(response: Response) -> Response:
+        """Answers the gateway made itself (401, 429, 400, 502, ...) came from no cache either."""
+        response.headers.setdefault("x-cache", "BYPASS")
+        return response
+
+    @bp.route(
+        "/api/v1", defaults={"path": ""}, methods=PROXIED_METHODS, provide_automatic_options=False
+    )
+    @bp.route("/api/v1/<anypath:path>", methods=PROXIED_METHODS, provide_automatic_options=False)
+    def proxy(path: str) -> Response:
+        state = request_state.current()
+        plan = state.proxy
+        if plan is None or plan.target is None:
+            refusal = plan.refusal if plan is not None else None
+            raise BadRequest(refusal or "The path was refused.", code="invalid_path")
+        method = request.method
+        body = _request_body(method)
+        with _upstream_errors_as_responses():
+            if method in ("GET", "HEAD"):
+                served = cache.fetch(
+                    method,
+                    plan.target,
+                    plan.query,
+                    plan.forwarded,
+                    plan.cache_key,
+                    state.prefetched,
+                    plan.client_headers,
+                )
+            else:
+                served = cache.forward_write(method, plan.target, plan.query, plan.forwarded, body)
+        return client_response(served, method, state)
+
+    return bp
 
 
-def plan_request() -> None:
-    """before_request, ahead of the key check: judge the target and, for a GET or HEAD that may
-    be answered from the cache, name the entry so the key check can read it along (one Redis
-    round trip for both, when keys and cache share a Redis)."""
-    state = request_state.current()
+def plan_request(
+    request_id: str, cache: ProxyCache, forwarded_headers: frozenset[str]
+) -> ProxyRequest:
+    """What the request asks of the upstream: the target judged, the headers to forward and,
+    for a GET or HEAD that may be answered from the cache, the entry's key."""
     judged = judge_target(_raw_uri())
     client_headers = client_header_items(request.environ)
-    forwarded = forward_request_headers(
-        client_headers, state.request_id, services.forwarded_headers()
-    )
-    refusal = None
-    if judged.refusal is not None:
-        refusal = BadRequest(judged.refusal, code="invalid_path")
+    forwarded = forward_request_headers(client_headers, request_id, forwarded_headers)
     cache_key = None
     if judged.path is not None and request.method in ("GET", "HEAD"):
-        cache_key = services.proxy_cache().lookup_key(
+        cache_key = cache.lookup_key(
             judged.path, judged.query, forwarded, [name for name, _ in client_headers]
         )
-    redis = services.redis()
-    prefetch_key = cache_key if redis.keys is redis.cache else None
-    state.proxy = ProxyRequest(
-        judged.path, refusal, judged.query, forwarded, client_headers, cache_key, prefetch_key
+    return ProxyRequest(
+        judged.path, judged.refusal, judged.query, forwarded, client_headers, cache_key
     )
-
-
-bp.before_request(plan_request)
-bp.before_request(enforce_api_key)
-bp.after_request(add_rate_limit_headers)
-
-
-@bp.after_request
-def _mark_uncached(response: Response) -> Response:
-    """Answers the gateway made itself (401, 429, 400, 502, ...) came from no cache either."""
-    response.headers.setdefault("x-cache", "BYPASS")
-    return response
-
-
-@bp.route(
-    "/api/v1", defaults={"path": ""}, methods=PROXIED_METHODS, provide_automatic_options=False
-)
-@bp.route("/api/v1/<anypath:path>", methods=PROXIED_METHODS, provide_automatic_options=False)
-def proxy(path: str) -> Response:
-    state = request_state.current()
-    planned = state.proxy
-    assert planned is not None  # planned by the blueprint's first hook
-    if planned.target is None:
-        raise planned.refusal or BadRequest("The path was refused.", code="invalid_path")
-    target, raw_query, headers = planned.target, planned.query, planned.forwarded
-    method = request.method
-    body = _request_body(method)
-    cache = services.proxy_cache()
-    with _upstream_errors_as_responses():
-        if method in ("GET", "HEAD"):
-            served = cache.fetch(
-                method,
-                target,
-                raw_query,
-                headers,
-                planned.cache_key,
-                state.prefetched,
-                planned.client_headers,
-            )
-        else:
-            served = cache.forward_write(method, target, raw_query, headers, body)
-    return client_response(served, method, state)
 
 
 @contextlib.contextmanager
