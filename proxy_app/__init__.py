@@ -26,7 +26,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
-    from proxy_app.forwarding import forwarded_request_headers
+    from proxy_app.forwarding import PROXIED_METHODS, forwarded_request_headers
     from proxy_app.gateway_flask import GatewayFlask
     from proxy_app.logging import register_secrets
     from proxy_app.metrics import Metrics
@@ -36,7 +36,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     if settings is None:
         settings = from_environment()
-    register_secrets([settings.admin_api_token, settings.upstream_api_key])
+    register_secrets(settings.secret_values())
 
     app = GatewayFlask(__name__, static_folder=None)
     # One byte over the limit: werkzeug stops reading there without an error, so a chunked
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         app,
         cors.CorsPolicy.build(
             settings.cors_allowed_origins,
-            proxy.PROXIED_METHODS,
+            PROXIED_METHODS,
             app.extensions[services.FORWARDED_HEADERS],
         )
         if settings.cors_allowed_origins

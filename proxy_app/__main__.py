@@ -98,7 +98,7 @@ def main() -> int:
             print(f"invalid setting {problem}", file=sys.stderr)
         return EXIT_INVALID_SETTINGS
     configure_logging(settings.log_level)
-    register_secrets([settings.admin_api_token, settings.upstream_api_key])
+    register_secrets(settings.secret_values())
 
     metrics_dir = tempfile.mkdtemp(prefix="proxy_app-metrics-")
     # prometheus_client picks its multiprocess mode from the environment when imported, which

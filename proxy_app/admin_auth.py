@@ -8,7 +8,7 @@ from typing import Any
 
 from flask import request
 
-from proxy_app import services
+from proxy_app import headers, services
 from proxy_app.audit import audit
 from proxy_app.errors import TooManyRequests, Unauthorized
 from proxy_app.redis import RedisUnavailable
@@ -36,7 +36,7 @@ def require_admin_token() -> None:
         raise TooManyRequests(
             "Too many requests with a wrong admin token; wait before trying again.",
             code="too_many_auth_failures",
-            headers={"retry-after": str(FAILURE_WINDOW_S)},
+            headers={headers.RETRY_AFTER: str(FAILURE_WINDOW_S)},
         )
     raise Unauthorized(
         "A valid admin bearer token is required.", code="invalid_admin_token", headers=_CHALLENGE

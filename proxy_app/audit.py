@@ -7,9 +7,9 @@ import logging
 
 from flask import request
 
-log = logging.getLogger("proxy_app.audit")
+from proxy_app import headers
 
-ACTOR_HEADER = "x-admin-actor"
+log = logging.getLogger("proxy_app.audit")
 
 
 def audit(action: str, outcome: str, **details: object) -> None:
@@ -18,7 +18,7 @@ def audit(action: str, outcome: str, **details: object) -> None:
         extra={
             "action": action,
             "outcome": outcome,
-            "actor": request.headers.get(ACTOR_HEADER, "")[:100] or None,
+            "actor": request.headers.get(headers.ADMIN_ACTOR, "")[:100] or None,
             "client_ip": request.remote_addr,
             **{key: value for key, value in details.items() if value is not None},
         },

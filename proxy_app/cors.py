@@ -10,8 +10,9 @@ from collections.abc import Iterable
 
 from flask import Flask, Response, request
 
+from proxy_app import headers
 from proxy_app.errors import error_response
-from proxy_app.forwarding import GATEWAY_PREFIX
+from proxy_app.forwarding import is_proxied
 
 # Browsers may reuse a preflight answer this long (they cap it themselves: Chromium at 2 hours).
 PREFLIGHT_MAX_AGE_S = 600
@@ -30,15 +31,15 @@ _SAFELISTED_RESPONSE_HEADERS = frozenset(
 )
 # What a browser script may read of an answer besides the CORS-safelisted headers.
 EXPOSED_HEADERS = (
-    "x-ratelimit-limit",
-    "x-ratelimit-remaining",
-    "x-ratelimit-reset",
-    "ratelimit",
-    "ratelimit-policy",
-    "retry-after",
-    "x-cache",
-    "x-request-id",
-    "age",
+    headers.RATELIMIT_LIMIT,
+    headers.RATELIMIT_REMAINING,
+    headers.RATELIMIT_RESET,
+    headers.RATELIMIT,
+    headers.RATELIMIT_POLICY,
+    headers.RETRY_AFTER,
+    headers.CACHE,
+    headers.REQUEST_ID,
+    headers.AGE,
 )
 
 
@@ -56,7 +57,7 @@ class CorsPolicy:
         cls, allowed_origins: Iterable[str], methods: Iterable[str], request_headers: Iterable[str]
     ) -> CorsPolicy:
         origins = frozenset(origin.lower() for origin in allowed_origins)
-        allowed_headers = ["x-api-key", "content-type", "x-request-id"]
+        allowed_headers = [headers.API_KEY, "content-type", headers.REQUEST_ID]
         allowed_headers += sorted(set(request_headers) - set(allowed_headers))
         return cls(
             origins=origins - {"*"},
@@ -85,7 +86,7 @@ class CorsPolicy:
             request.method != "OPTIONS"
             or "Access-Control-Request-Method" not in request.headers
             or "Origin" not in request.headers
-            or not _is_proxied(request.path)
+            or not is_proxied(request.path)
         ):
             return None
         if self.allow_origin(request.headers["Origin"]) is None:
@@ -101,7 +102,7 @@ class CorsPolicy:
     def add_headers(self, response: Response) -> Response:
         """after_request: every ``/api/v1`` answer varies by Origin; one for an allowed origin,
         errors included, says so and names the headers a script may read."""
-        if not _is_proxied(request.path):
+        if not is_proxied(request.path):
             return response
         # A line of its own: the upstream's Vary lines stay exactly as they were sent.
         if not any(
@@ -129,10 +130,6 @@ class CorsPolicy:
         if not extra:
             return self.exposed
         return ", ".join((self.exposed, *dict.fromkeys(extra)))
-
-
-def _is_proxied(path: str) -> bool:
-    return path == GATEWAY_PREFIX or path.startswith(GATEWAY_PREFIX + "/")
 
 
 def init_app(app: Flask, policy: CorsPolicy | None) -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
-from flask import Flask, Response
+from flask import Blueprint, Flask, Response
 from werkzeug.exceptions import HTTPException
 
+from proxy_app import headers as header_names
+from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,20 @@ class ServiceUnavailable(ApiError):
     code = "service_unavailable"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisOutage:
+    """What a Redis outage means to the client of one room: a 503 with this code and message."""
+
+    code: str
+    message: str
+    retry_after_s: int | None = None
+
+
+def error_document(code: str, message: str, **details: Any) -> dict[str, Any]:
+    """The body of every error answer, the server's own included. Detail keys are camelCase."""
+    return {"error": code, "message": message, **details}
+
+
 def error_response(
     status: int,
     code: str,
@@ -85,7 +102,7 @@ def error_response(
     headers: dict[str, str] | None = None,
     **details: Any,
 ) -> Response:
-    response = json_response({"error": code, "message": message, **details}, status)
+    response = json_response(error_document(code, message, **details), status)
     for name, value in (headers or {}).items():
         response.headers[name] = value
     return response
@@ -94,6 +111,19 @@ def error_response(
 def _http_code(exc: HTTPException) -> str:
     name = (exc.name or "error").lower()
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def answer_redis_outages(bp: Blueprint, outage: RedisOutage) -> None:
+    """Answer a Redis outage in the blueprint's requests (RedisUnavailable raised anywhere in
+    them) with its own 503."""
+    headers = {}
+    if outage.retry_after_s is not None:
+        headers[header_names.RETRY_AFTER] = str(outage.retry_after_s)
+
+    def _redis_outage(_exc: RedisUnavailable) -> Response:
+        return error_response(503, outage.code, outage.message, headers)
+
+    bp.register_error_handler(RedisUnavailable, _redis_outage)
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -10,10 +10,13 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import unquote_to_bytes, urlsplit
 
-from proxy_app.headers import HOP_BY_HOP_HEADERS
+from proxy_app import headers as header_names
 from proxy_app.memo import remembered
 
+#: Where the proxied API lives on the gateway: ``/api/v1/<path>`` goes upstream as ``/<path>``.
 GATEWAY_PREFIX = "/api/v1"
+#: The methods the gateway proxies (any other is refused with 405).
+PROXIED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 # Representation, conditional, identity and tracing headers; everything else stays here
 # (cookie, authorization, host, x-api-key, a caller's api_key, forwarded/x-forwarded-*, hop-by-hop).
@@ -48,7 +51,7 @@ FORWARDED_REQUEST_HEADERS = frozenset(
 # counters (the client's key and limits are the gateway's), the names the gateway sets itself
 # (its own must not be duplicated or overridden), and headers about the upstream's origin
 # rather than the gateway's (alternative services).
-HIDDEN_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
+HIDDEN_RESPONSE_HEADERS = header_names.HOP_BY_HOP_HEADERS | frozenset(
     {
         "content-length",
         "set-cookie",
@@ -58,12 +61,12 @@ HIDDEN_RESPONSE_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
         "www-authenticate",
         "proxy-authenticate",
         "proxy-authentication-info",
-        "ratelimit",
-        "ratelimit-policy",
-        "x-cache",
-        "x-cache-key-hash",
-        "x-request-id",
-        "age",
+        header_names.RATELIMIT,
+        header_names.RATELIMIT_POLICY,
+        header_names.CACHE,
+        header_names.CACHE_KEY_HASH,
+        header_names.REQUEST_ID,
+        header_names.AGE,
         "alt-svc",
     }
 )
@@ -76,6 +79,18 @@ _PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")
 _UNRESERVED = frozenset(string.ascii_letters + string.digits + "-._~")
 # Enough decoding rounds to see through double and triple encoding; deeper nesting is refused.
 _MAX_DECODE_ROUNDS = 4
+
+
+def is_proxied(path: str) -> bool:
+    """Whether a gateway path is under GATEWAY_PREFIX."""
+    return path == GATEWAY_PREFIX or path.startswith(GATEWAY_PREFIX + "/")
+
+
+def strip_gateway_prefix(path: str) -> str:
+    """Operators may write ``/api/v1/things``; the cache and bypass rules speak upstream paths."""
+    if is_proxied(path):
+        return path[len(GATEWAY_PREFIX) :] or "/"
+    return path
 
 
 def split_raw_uri(raw_uri: str) -> tuple[str, str]:
@@ -126,7 +141,7 @@ def judge_target(raw_uri: str) -> Target:
 def target_refusal(raw_path: str, raw_query: str) -> str | None:
     """Why a gateway path and query may not be sent upstream (they could leave the upstream
     origin), or None."""
-    if raw_path != GATEWAY_PREFIX and not raw_path.startswith(GATEWAY_PREFIX + "/"):
+    if not is_proxied(raw_path):
         return f"The path is not under {GATEWAY_PREFIX}."
     problem = path_problem(raw_path[len(GATEWAY_PREFIX) :] or "/") or _query_problem(raw_query)
     if problem:
@@ -237,7 +252,7 @@ def forward_request_headers(
             forwarded[lowered] = f"{forwarded[lowered]}, {value}" if lowered in forwarded else value
     # Without this the upstream may compress for an encoding the client never asked for.
     forwarded.setdefault("accept-encoding", "identity")
-    forwarded["x-request-id"] = request_id
+    forwarded[header_names.REQUEST_ID] = request_id
     return forwarded
 
 

@@ -28,6 +28,9 @@ from urllib.parse import unquote_to_bytes
 import httptools
 import orjson
 
+from proxy_app.errors import error_document
+from proxy_app.forwarding import PROXIED_METHODS
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIApplication
 
@@ -543,7 +546,7 @@ class Connection:
     def _refuse(self, refused: RequestRefused) -> None:
         """Answer a request the server refuses itself, then the connection closes."""
         log.info("request refused", extra={"status": refused.status, "reason": refused.message})
-        body = orjson.dumps({"error": refused.code, "message": refused.message})
+        body = orjson.dumps(error_document(refused.code, refused.message))
         reason = _STATUS_REASONS.get(refused.status, "Bad Request")
         head = (
             f"HTTP/1.1 {refused.status} {reason}\r\n"
@@ -702,10 +705,8 @@ def current_http_date() -> str:
     return _date_cache[1]
 
 
-_METHODS = {
-    method.encode(): method
-    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
-}
+# The method names clients send most, decoded once.
+_METHODS = {method.encode(): method for method in PROXIED_METHODS}
 # Header names that may occur once (the parser or the server refuses repeats of the latter two);
 # a repeated one keeps its last value instead of a list.
 _SINGLE_VALUED = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH", "HTTP_HOST"})

@@ -9,23 +9,23 @@ import time
 
 from flask import Flask, Response, request
 
-from proxy_app import request_state, services
+from proxy_app import headers, request_state, services
+from proxy_app.forwarding import GATEWAY_PREFIX, PROXIED_METHODS
 from proxy_app.logging import reset_request_id, set_request_id
 from proxy_app.request_state import RequestState
 
 log = logging.getLogger("proxy_app.access")
 
-REQUEST_ID_HEADER = "x-request-id"
-_REQUEST_ID_ENVIRON = "HTTP_" + REQUEST_ID_HEADER.upper().replace("-", "_")  # as WSGI names it
+_REQUEST_ID_ENVIRON = "HTTP_" + headers.REQUEST_ID.upper().replace("-", "_")  # as WSGI names it
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Metric labels take these methods as they are and any other as OTHER: clients choose the method,
 # and every distinct label value is a new time series.
-_METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_METHOD_LABELS = frozenset(PROXIED_METHODS)
 
 
 def route_group(path: str) -> str:
     """A small fixed set of labels for metrics, never raw paths (their number is unbounded)."""
-    for prefix, group in (("/api/v1", "proxy"), ("/health", "health"), ("/internal", "admin")):
+    for prefix, group in ((GATEWAY_PREFIX, "proxy"), ("/health", "health"), ("/internal", "admin")):
         if path == prefix or path.startswith(prefix + "/"):
             return group
     return "other"
@@ -47,7 +47,7 @@ def _start_request() -> None:
 def _finish_request(response: Response) -> Response:
     state = request_state.current()
     current = request._get_current_object()  # type: ignore[attr-defined]
-    response.headers[REQUEST_ID_HEADER] = state.request_id
+    response.headers[headers.REQUEST_ID] = state.request_id
     duration_s = time.perf_counter() - state.started
     path = current.path
     group = route_group(path)

@@ -15,16 +15,17 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
 
-from proxy_app.headers import HOP_BY_HOP_HEADERS
+from proxy_app import headers
+from proxy_app.forwarding import strip_gateway_prefix
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
 DEFAULT_BODY_TYPES = ("application/json", "application/*+json")
 # Request headers an operator may not add to the forwarded ones: credentials (the client's and
 # the gateway's), the client's routing and connection, and framing the HTTP client sets itself.
-UNFORWARDABLE_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
+UNFORWARDABLE_REQUEST_HEADERS = headers.HOP_BY_HOP_HEADERS | frozenset(
     {
-        "x-api-key",
+        headers.API_KEY,
         "api_key",
         "cookie",
         "authorization",
@@ -34,6 +35,12 @@ UNFORWARDABLE_REQUEST_HEADERS = HOP_BY_HOP_HEADERS | frozenset(
         "content-length",
     }
 )
+
+
+def _secret() -> Any:
+    """A secret setting: never shown (repr, start-up log, error lines), stripped of nothing,
+    readable from a ``<NAME>_FILE``, and scrubbed from every log line."""
+    return dataclasses.field(default="", repr=False, metadata={"secret": True})
 
 
 class SettingsError(Exception):
@@ -58,7 +65,7 @@ class Settings:
     upstream_base_url: str | None = None
     upstream_timeout_ms: int = 10_000
     upstream_retries: int = 2
-    upstream_api_key: str = dataclasses.field(default="", repr=False)
+    upstream_api_key: str = _secret()
     proxy_body_limit_bytes: int = 1_048_576
     proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
     proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
@@ -79,7 +86,7 @@ class Settings:
     rate_limit_window_s: int = 60
     rate_limit_max_requests: int = 120
     redis_timeout_ms: int = 250
-    admin_api_token: str = dataclasses.field(default="", repr=False)
+    admin_api_token: str = _secret()
     version: str = "dev"
     deployment_id: str | None = None
     # Set by the entry point, not by the environment: where workers write their metric samples.
@@ -94,8 +101,14 @@ class Settings:
             shown[name] = mask_url_password(shown[name])
         return shown
 
+    def secret_values(self) -> list[str]:
+        """The values of the secret settings, for the log redaction."""
+        return [getattr(self, name) for name in SECRET_FIELDS]
 
-SECRET_FIELDS = ("upstream_api_key", "admin_api_token")
+
+SECRET_FIELDS = tuple(
+    field.name for field in dataclasses.fields(Settings) if field.metadata.get("secret")
+)
 
 
 def mask_url_password(url: str) -> str:
@@ -199,13 +212,6 @@ def _lowered_names(value: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(name.lower() for name in _split_csv(value)))
 
 
-def strip_gateway_prefix(path: str) -> str:
-    """Operators may write ``/api/v1/things``; the cache and bypass rules speak upstream paths."""
-    if path == "/api/v1" or path.startswith("/api/v1/"):
-        return path[len("/api/v1") :] or "/"
-    return path
-
-
 def _int(env: str, expected: str, low: int, high: int | None = None) -> fields.Integer:
     return fields.Integer(
         data_key=env,
@@ -224,10 +230,8 @@ def _bool(env: str) -> fields.Boolean:
     )
 
 
-def _str(env: str, expected: str, *validators: Any, secret: bool = False) -> fields.String:
-    return fields.String(
-        data_key=env, validate=list(validators), metadata={"expected": expected, "secret": secret}
-    )
+def _str(env: str, expected: str, *validators: Any) -> fields.String:
+    return fields.String(data_key=env, validate=list(validators), metadata={"expected": expected})
 
 
 class _SettingsSchema(Schema):
@@ -260,7 +264,7 @@ class _SettingsSchema(Schema):
         "HTTP_CLIENT_TIMEOUT", "milliseconds, an integer from 1 to 600000", 1, 600_000
     )
     upstream_retries = _int("HTTP_CLIENT_RETRIES", "an integer from 0 to 10", 0, 10)
-    upstream_api_key = _str("HTTP_CLIENT_API_KEY", "any string", secret=True)
+    upstream_api_key = _str("HTTP_CLIENT_API_KEY", "any string")
     proxy_body_limit_bytes = _int(
         "PROXY_BODY_LIMIT", "bytes, an integer from 0 to 104857600", 0, 100 * 1024 * 1024
     )
@@ -324,7 +328,7 @@ class _SettingsSchema(Schema):
     redis_timeout_ms = _int(
         "REDIS_TIMEOUT_MS", "milliseconds, an integer from 1 to 10000", 1, 10_000
     )
-    admin_api_token = _str("ADMIN_API_TOKEN", "any string", secret=True)
+    admin_api_token = _str("ADMIN_API_TOKEN", "any string")
     version = _str("GIT_SHA", "a version string", validate.Length(min=1, max=80))
     deployment_id = _str(
         "DEPLOY_ID",
@@ -364,6 +368,7 @@ _EMPTY_MEANS_UNSET = frozenset(
 _SCHEMA = _SettingsSchema()
 _FIELDS_BY_ENV = {str(field.data_key): field for field in _SCHEMA.fields.values()}
 ENV_NAMES = tuple(_FIELDS_BY_ENV)
+_SECRET_ENVS = frozenset(str(_SCHEMA.fields[name].data_key) for name in SECRET_FIELDS)
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -384,7 +389,7 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
             continue
         if value.strip() == "" and env in _EMPTY_MEANS_UNSET:
             continue
-        raw[env] = value.strip() if not field.metadata.get("secret") else value
+        raw[env] = value if env in _SECRET_ENVS else value.strip()
     raw.setdefault("WEB_CONCURRENCY", str(os.cpu_count() or 1))
     try:
         settings: Settings = _SCHEMA.load(raw)
@@ -400,9 +405,9 @@ def _with_secret_files(environ: Mapping[str, str]) -> tuple[dict[str, str], list
     """The environment with each ``<SECRET>_FILE`` read into ``<SECRET>``."""
     resolved = dict(environ)
     problems = []
-    for env, field in _FIELDS_BY_ENV.items():
+    for env in _SECRET_ENVS:
         path = environ.get(f"{env}_FILE", "").strip()
-        if not field.metadata.get("secret") or not path:
+        if not path:
             continue
         if environ.get(env):
             problems.append(f"{env}_FILE: set together with {env} (expected one of the two)")
@@ -436,7 +441,7 @@ def _describe(messages: dict[str, Any], raw: Mapping[str, str]) -> list[str]:
         field = _FIELDS_BY_ENV[env]
         reasons = messages[env]
         reason = "; ".join(str(r) for r in reasons) if isinstance(reasons, list) else str(reasons)
-        shown = _shown_value(env, raw.get(env, ""), secret=bool(field.metadata.get("secret")))
+        shown = _shown_value(env, raw.get(env, ""), secret=env in _SECRET_ENVS)
         problems.append(f"{env}={shown}: {reason} (expected {field.metadata['expected']})")
     return problems
 

@@ -40,16 +40,23 @@ _LIBRARY_DEFAULT_HEADERS = ("user-agent", "accept-encoding")
 class UpstreamError(Exception):
     """A request to the upstream failed; carries the method and URL (which hold no secret)."""
 
-    kind = "upstream_error"
+    kind = "error"
 
     def __init__(self, message: str, *, method: str, url: str) -> None:
         super().__init__(message)
         self.method = method
         self.url = url
 
+    @property
+    def code(self) -> str:
+        """The error code a client is told: ``upstream_`` and the kind."""
+        return f"upstream_{self.kind}"
+
 
 class UpstreamNotConfigured(UpstreamError):
-    kind = "upstream_not_configured"
+    """No upstream URL is set: not a failure of the upstream, answered 503 rather than 502."""
+
+    kind = "not_configured"
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):

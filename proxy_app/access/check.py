@@ -8,16 +8,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
+from proxy_app import headers
 from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
 from proxy_app.access.ratelimit import RateLimitPolicy, RateLimitState, rate_limit_headers
-from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
+from proxy_app.errors import RedisOutage, TooManyRequests, Unauthorized
 from proxy_app.metrics import Metrics
 from proxy_app.redis import RedisService, RedisUnavailable
 
-API_KEY_HEADER = "x-api-key"
-_API_KEY_ENVIRON = "HTTP_" + API_KEY_HEADER.upper().replace("-", "_")  # as WSGI names it
+_API_KEY_ENVIRON = "HTTP_" + headers.API_KEY.upper().replace("-", "_")  # as WSGI names it
 _OUTCOMES = frozenset({b"ok", b"limited", b"unknown", b"revoked", b"expired"})
 _SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
+#: The answer when Redis cannot tell whether a key may pass.
+OUTAGE = RedisOutage(
+    "auth_unavailable", "API keys cannot be checked right now; try again shortly.", 1
+)
 _REJECTIONS = {
     "missing": "An x-api-key header is required.",
     "invalid": "The API key is not valid.",
@@ -77,9 +81,10 @@ class AccessGate:
         return AccessDecision(outcome, state, read_along)
 
     def admit(self, environ: Mapping[str, Any], also_read: str | None = None) -> Admission:
-        """The key check of a request (its WSGI environ), then its rate limit: the admission,
-        or 401 / 503 raised. A limited key is admitted too, to be refused by ``enforce_limit``
-        once the request has recorded where its limit stands."""
+        """The key check of a request (its WSGI environ) and the charge to its rate limit: the
+        admission, or Unauthorized (RedisUnavailable when Redis cannot tell: see OUTAGE). A key
+        over its limit is admitted too, for ``enforce_limit`` to refuse once the request has
+        recorded where its limit stands."""
         raw_key = environ.get(_API_KEY_ENVIRON, "").strip()
         if not raw_key:
             self._reject("missing")
@@ -90,11 +95,7 @@ class AccessGate:
             decision = self.check(key_id, raw_key, also_read)
         except RedisUnavailable:
             self.metrics.auth_rejections.labels("unavailable").inc()
-            raise ServiceUnavailable(
-                "API keys cannot be checked right now; try again shortly.",
-                code="auth_unavailable",
-                headers={"retry-after": "1"},
-            ) from None
+            raise
         if decision.rate is None:  # unknown, revoked or expired
             self._reject("invalid" if decision.outcome == "unknown" else decision.outcome)
         if decision.outcome == "limited":
@@ -109,7 +110,7 @@ class AccessGate:
         self.metrics.rate_limited.inc()
         raise TooManyRequests(
             "Rate limit exceeded for this API key.",
-            headers={"retry-after": str(rate.retry_after_s)},
+            headers={headers.RETRY_AFTER: str(rate.retry_after_s)},
             retryAfter=rate.retry_after_s,
         )
 

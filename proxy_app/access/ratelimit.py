@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from proxy_app import headers
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RateLimitPolicy:
@@ -48,9 +50,9 @@ class RateLimitState:
 def rate_limit_headers(policy: RateLimitPolicy, state: RateLimitState) -> dict[str, str]:
     """``x-ratelimit-*`` and the IETF ``RateLimit-Policy`` / ``RateLimit`` fields."""
     return {
-        "x-ratelimit-limit": str(policy.limit),
-        "x-ratelimit-remaining": str(state.remaining),
-        "x-ratelimit-reset": str(state.reset_s),
-        "ratelimit-policy": f'"default";q={policy.limit};w={policy.window_s}',
-        "ratelimit": f'"default";r={state.remaining};t={state.reset_s}',
+        headers.RATELIMIT_LIMIT: str(policy.limit),
+        headers.RATELIMIT_REMAINING: str(state.remaining),
+        headers.RATELIMIT_RESET: str(state.reset_s),
+        headers.RATELIMIT_POLICY: f'"default";q={policy.limit};w={policy.window_s}',
+        headers.RATELIMIT: f'"default";r={state.remaining};t={state.reset_s}',
     }

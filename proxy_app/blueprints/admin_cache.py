@@ -12,15 +12,24 @@ from proxy_app import services
 from proxy_app.admin_auth import require_admin_token
 from proxy_app.audit import audit
 from proxy_app.cache import policy
-from proxy_app.errors import ServiceUnavailable
-from proxy_app.forwarding import forward_request_headers, forwarded_request_headers
+from proxy_app.errors import RedisOutage, answer_redis_outages
+from proxy_app.forwarding import (
+    forward_request_headers,
+    forwarded_request_headers,
+    strip_gateway_prefix,
+)
 from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response
-from proxy_app.settings import strip_gateway_prefix
 from proxy_app.validation import load_json_body
 
 bp = Blueprint("admin_cache", __name__, url_prefix="/internal/cache")
 bp.before_request(require_admin_token)
+answer_redis_outages(
+    bp,
+    RedisOutage(
+        "cache_unavailable", "The cache backend (Redis) is unavailable; nothing was invalidated."
+    ),
+)
 
 _PATH = validate.Length(min=1, max=4096)
 
@@ -85,10 +94,7 @@ def invalidate() -> Response:
             matched, deleted = store.scan_delete(pattern, dry_run=dry_run)
     except RedisUnavailable:
         audit("cache.invalidate", "unavailable", scope=scope)
-        raise ServiceUnavailable(
-            "The cache backend (Redis) is unavailable; nothing was invalidated.",
-            code="cache_unavailable",
-        ) from None
+        raise
     audit(
         "cache.invalidate",
         "ok",

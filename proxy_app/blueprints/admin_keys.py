@@ -11,13 +11,17 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate, valida
 from proxy_app import services
 from proxy_app.admin_auth import require_admin_token
 from proxy_app.audit import audit
-from proxy_app.errors import NotFound, ServiceUnavailable
+from proxy_app.errors import NotFound, RedisOutage, answer_redis_outages
 from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response as _json
 from proxy_app.validation import load_json_body
 
 bp = Blueprint("admin_keys", __name__, url_prefix="/internal/api-keys")
 bp.before_request(require_admin_token)
+answer_redis_outages(
+    bp,
+    RedisOutage("keys_unavailable", "The key store (Redis) is unavailable; nothing was changed."),
+)
 
 _TEXT = validate.Length(min=1, max=200)
 
@@ -47,12 +51,6 @@ class CreateKeySchema(Schema):
 _CREATE = CreateKeySchema()
 
 
-def _unavailable() -> ServiceUnavailable:
-    return ServiceUnavailable(
-        "The key store (Redis) is unavailable; nothing was changed.", code="keys_unavailable"
-    )
-
-
 @bp.post("")
 def create() -> Response:
     body = load_json_body(_CREATE)
@@ -66,26 +64,20 @@ def create() -> Response:
         )
     except RedisUnavailable:
         audit("api_key.create", "unavailable", owner=body["owner"])
-        raise _unavailable() from None
+        raise
     audit("api_key.create", "ok", key_id=record.key_id, owner=record.owner)
     return _json({**record.to_json(), "apiKey": raw_key}, 201)
 
 
 @bp.get("")
 def list_keys() -> Response:
-    try:
-        records = services.key_registry().list()
-    except RedisUnavailable:
-        raise _unavailable() from None
+    records = services.key_registry().list()
     return _json({"items": [record.to_json() for record in records]})
 
 
 @bp.get("/<key_id>")
 def show(key_id: str) -> Response:
-    try:
-        record = services.key_registry().get(key_id)
-    except RedisUnavailable:
-        raise _unavailable() from None
+    record = services.key_registry().get(key_id)
     if record is None:
         raise NotFound(f"No API key with id {key_id!r}.", code="api_key_not_found")
     return _json(record.to_json())
@@ -98,7 +90,7 @@ def _lifecycle(action: str, change: Callable[[str], bool], key_id: str) -> Respo
         changed = change(key_id) if record is not None else False
     except RedisUnavailable:
         audit(f"api_key.{action}", "unavailable", key_id=key_id)
-        raise _unavailable() from None
+        raise
     if record is None or not changed:
         audit(f"api_key.{action}", "not_found", key_id=key_id)
         raise NotFound(f"No API key with id {key_id!r}.", code="api_key_not_found")

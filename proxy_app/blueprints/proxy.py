@@ -14,7 +14,9 @@ from werkzeug.routing import PathConverter
 if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
+from proxy_app import headers as header_names
 from proxy_app import request_state, services
+from proxy_app.access import check as access_check
 from proxy_app.access.check import AccessGate
 from proxy_app.cache.http import ProxyCache, Served
 from proxy_app.cache.policy import key_hash
@@ -25,8 +27,11 @@ from proxy_app.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     UnsupportedMediaType,
+    answer_redis_outages,
 )
 from proxy_app.forwarding import (
+    GATEWAY_PREFIX,
+    PROXIED_METHODS,
     ProxyRequest,
     body_type_allowed,
     client_header_items,
@@ -39,7 +44,6 @@ from proxy_app.logging import reset_request_id, set_request_id
 from proxy_app.request_state import RequestState
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
 
-PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -56,6 +60,7 @@ def blueprint(
     """The proxy's routes and hooks, around the app's services. ``read_along``: keys and cache
     share a Redis, so the key check reads the cache entry in the same round trip."""
     bp = Blueprint("proxy", __name__)
+    answer_redis_outages(bp, access_check.OUTAGE)
 
     @bp.before_request
     def admit_request() -> None:
@@ -84,13 +89,15 @@ def blueprint(
     @bp.after_request
     def mark_uncached(response: Response) -> Response:
         """Answers the gateway made itself (401, 429, 400, 502, ...) came from no cache either."""
-        response.headers.setdefault("x-cache", "BYPASS")
+        response.headers.setdefault(header_names.CACHE, "BYPASS")
         return response
 
+    methods = list(PROXIED_METHODS)
+
     @bp.route(
-        "/api/v1", defaults={"path": ""}, methods=PROXIED_METHODS, provide_automatic_options=False
+        GATEWAY_PREFIX, defaults={"path": ""}, methods=methods, provide_automatic_options=False
     )
-    @bp.route("/api/v1/<anypath:path>", methods=PROXIED_METHODS, provide_automatic_options=False)
+    @bp.route(GATEWAY_PREFIX + "/<anypath:path>", methods=methods, provide_automatic_options=False)
     def proxy(path: str) -> Response:
         state = request_state.current()
         plan = state.proxy
@@ -139,13 +146,13 @@ def plan_request(
 def _upstream_errors_as_responses() -> Iterator[None]:
     try:
         yield
-    except UpstreamNotConfigured:
+    except UpstreamNotConfigured as exc:
         raise ServiceUnavailable(
-            "No upstream is configured (HTTP_CLIENT_BASE_URL).", code="upstream_not_configured"
+            "No upstream is configured (HTTP_CLIENT_BASE_URL).", code=exc.code
         ) from None
     except UpstreamError as exc:
         raise BadGateway(
-            f"The upstream request failed: {exc}.", code=f"upstream_{exc.kind}", kind=exc.kind
+            f"The upstream request failed: {exc}.", code=exc.code, kind=exc.kind
         ) from None
 
 
@@ -180,9 +187,9 @@ class UpstreamAnswer(Response):
 def client_response(served: Served, method: str, state: RequestState) -> Response:
     """The client's copy: status, body bytes and safe headers, plus what the cache did. A body
     still arriving from the upstream is passed on piece by piece as the server sends it."""
-    headers = [*served.headers, ("x-cache", served.outcome.value)]
+    headers = [*served.headers, (header_names.CACHE, served.outcome.value)]
     if served.age_s is not None:
-        headers.append(("age", str(served.age_s)))
+        headers.append((header_names.AGE, str(served.age_s)))
     if served.stream is not None:
         streamed_length = served.stream.content_length
         if streamed_length is not None:
@@ -194,7 +201,7 @@ def client_response(served: Served, method: str, state: RequestState) -> Respons
         response = UpstreamAnswer(served.body, status=served.status, headers=headers)
     settings = services.settings()
     if settings.cache_debug and served.key is not None:
-        response.headers["x-cache-key-hash"] = key_hash(served.key)
+        response.headers[header_names.CACHE_KEY_HASH] = key_hash(served.key)
     if method == "HEAD" and served.upstream is not None and served.outcome == "BYPASS":
         length = served.upstream.header("content-length")
         if length is not None and length.isdigit():
@@ -266,7 +273,7 @@ def _request_body(method: str) -> bytes | None:
     if not body_type_allowed(mimetype, allowed):
         raise UnsupportedMediaType(
             f"Request bodies must be of these types: {', '.join(allowed)}.",
-            content_type=mimetype or None,
+            contentType=mimetype or None,
             allowed=list(allowed),
         )
     data = request.get_data(cache=False)  # reads at most limit + 1 bytes (MAX_CONTENT_LENGTH)

@@ -7,6 +7,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from proxy_app.admin_auth import FAILURES_ALLOWED
+from proxy_app.redis import RedisUnavailable
 from tests.conftest import ADMIN_TOKEN
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -129,3 +130,26 @@ def test_repeated_wrong_tokens_are_throttled_but_the_right_token_still_works(app
     assert statuses[:FAILURES_ALLOWED] == [401] * FAILURES_ALLOWED
     assert statuses[-1] == 429
     assert client.get("/internal/api-keys", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("post", "/internal/api-keys"),
+        ("get", "/internal/api-keys"),
+        ("get", "/internal/api-keys/abc"),
+        ("post", "/internal/api-keys/abc/revoke"),
+        ("delete", "/internal/api-keys/abc"),
+    ],
+)
+def test_redis_unavailable_gives_503_and_changes_nothing(
+    app: Flask, admin: FlaskClient, monkeypatch: pytest.MonkeyPatch, method: str, path: str
+) -> None:
+    def down(*_args: object, **_kwargs: object) -> object:
+        raise RedisUnavailable("keys is unavailable")
+
+    monkeypatch.setattr(app.extensions["proxy_app.redis"].keys, "_guarded", down)
+    response = admin.open(path, method=method.upper(), json={"owner": "acme"})
+    body = response.get_json()
+    assert (response.status_code, body["error"]) == (503, "keys_unavailable")
+    assert body["message"] == "The key store (Redis) is unavailable; nothing was changed."

@@ -145,6 +145,7 @@ def test_non_json_bodies_get_415(
     assert response.status_code == 415
     assert response.json is not None
     assert response.json["error"] == "unsupported_media_type"
+    assert response.json["contentType"] == (content_type or None)
     assert not upstream.received
 
 

@@ -365,3 +365,17 @@ def test_unconfigured_upstream_is_its_own_error() -> None:
     client = UpstreamClient(None, timeout_ms=500, retries=0)
     with pytest.raises(UpstreamNotConfigured):
         client.request("GET", "/x")
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (UpstreamError, "upstream_error"),
+        (UpstreamNotConfigured, "upstream_not_configured"),
+        (UpstreamTimeout, "upstream_timeout"),
+        (UpstreamTlsError, "upstream_tls_error"),
+        (UpstreamResponseTooLarge, "upstream_response_too_large"),
+    ],
+)
+def test_each_upstream_error_names_its_code_once(error: type[UpstreamError], code: str) -> None:
+    assert error("failed", method="GET", url="/x").code == code
