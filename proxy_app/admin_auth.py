@@ -4,7 +4,6 @@ that keep presenting wrong tokens (a correct token is never throttled)."""
 from __future__ import annotations
 
 import hmac
-from typing import Any
 
 from flask import request
 
@@ -46,15 +45,7 @@ def require_admin_token() -> None:
 def _count_failure() -> int:
     """Wrong tokens from this client in the current window; 0 when Redis cannot count."""
     registry = services.key_registry()
-    key = registry.names.admin_failures(request.remote_addr or "unknown")
-
-    def count(client: Any) -> int:
-        pipe = client.pipeline(transaction=True)
-        pipe.incr(key)
-        pipe.expire(key, FAILURE_WINDOW_S, nx=True)
-        return int(pipe.execute()[0])
-
     try:
-        return int(registry.redis.call(count))
+        return registry.count_admin_failure(request.remote_addr or "unknown", FAILURE_WINDOW_S)
     except RedisUnavailable:
         return 0

@@ -1,17 +1,21 @@
-"""Redis connections with bounded timeouts and an outage detector.
+"""Redis connections with bounded timeouts and an outage detector, and the few typed
+operations the app uses: the only module that uses redis-py (with ``redis_pipeline``, its own
+transport).
 
 After a failure, calls short-circuit for a moment instead of each request paying a timeout; the
 first call after that moment probes again, so recovery needs no restart. One warning when an
-outage starts, one info line when it ends. The only module that imports redis' exceptions.
+outage starts, one info line when it ends.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import redis
 import redis.exceptions
@@ -32,6 +36,20 @@ POOL_SIZE = 64
 
 class RedisUnavailable(Exception):
     """Redis could not be reached or did not answer in time (or an outage is in progress)."""
+
+
+def lua_source(module_file: str, name: str) -> str:
+    """The text of the Lua script ``name`` in the ``lua/`` folder beside a module (its
+    ``__file__``): every script is a file, one atomic operation each."""
+    return (Path(module_file).with_name("lua") / name).read_text()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LuaScript:
+    """A Lua script registered with one RedisService; run it with ``run_script``."""
+
+    name: str
+    _script: Script
 
 
 class RedisService:
@@ -83,34 +101,112 @@ class RedisService:
         """False while an outage is known and the cool-down has not passed."""
         return not (self._in_outage and time.monotonic() < self._down_until)
 
-    def call(self, operation: Callable[[redis.Redis], T]) -> T:
-        """Run ``operation(client)``; raise RedisUnavailable fast during an outage."""
-        return self._guarded(lambda: operation(self.client))
+    # --- the operations the app uses; each raises RedisUnavailable when Redis fails --------
 
-    def command(self, *args: Any) -> Any:
-        """One command, over the worker's shared pipelined connection when there is one."""
+    def get(self, key: str) -> bytes | None:
+        return self._command("GET", key)  # type: ignore[no-any-return]
+
+    def mget(self, *keys: str) -> list[bytes | None]:
+        return cast("list[bytes | None]", self._call(lambda client: client.mget(keys)))
+
+    def set_nx(self, key: str, value: str, *, px: int) -> bool:
+        """SET unless the key exists, expiring after ``px`` ms; whether it was set."""
+        return bool(self._call(lambda client: client.set(key, value, nx=True, px=px)))
+
+    def set_nx_get(self, key: str, value: str, *, px: int) -> bytes | None:
+        """SET unless the key exists, expiring after ``px`` ms; the value found (None: set)."""
+        found = self._call(lambda client: client.set(key, value, nx=True, px=px, get=True))
+        return cast("bytes | None", found)
+
+    def delete(self, *keys: str) -> int:
+        return int(self._call(lambda client: client.delete(*keys)))
+
+    def exists(self, key: str) -> bool:
+        return bool(self._call(lambda client: client.exists(key)))
+
+    def scan(self, cursor: int, *, match: str, count: int) -> tuple[int, list[bytes]]:
+        """One SCAN step (never KEYS): the next cursor (0 at the end) and the keys found."""
+        found = self._call(lambda client: client.scan(cursor, match=match, count=count))
+        return cast("tuple[int, list[bytes]]", found)
+
+    def unlink(self, *keys: str | bytes) -> int:
+        return int(self._call(lambda client: client.unlink(*keys)))
+
+    def incr_with_ttl(self, key: str, ttl_s: int) -> int:
+        """INCR a counter that expires ``ttl_s`` after its first increment; the new count."""
+
+        def count(client: redis.Redis) -> int:
+            pipe = client.pipeline(transaction=True)
+            pipe.incr(key)
+            pipe.expire(key, ttl_s, nx=True)
+            return int(pipe.execute()[0])
+
+        return self._call(count)
+
+    def hgetall(self, key: str) -> dict[bytes, bytes]:
+        return cast("dict[bytes, bytes]", self._call(lambda client: client.hgetall(key)))
+
+    def hgetall_many(self, keys: Sequence[str]) -> list[dict[bytes, bytes]]:
+        """HGETALL of each key in one round trip, in order (empty for a missing key)."""
+
+        def fetch(client: redis.Redis) -> list[dict[bytes, bytes]]:
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.hgetall(key)
+            return list(pipe.execute())
+
+        return self._call(fetch)
+
+    def set_members(self, key: str, *, batch: int) -> list[bytes]:
+        """Every member of a set, read with SSCAN ``batch`` at a time (never one SMEMBERS)."""
+        found = self._call(lambda client: list(client.sscan_iter(key, count=batch)))
+        return cast("list[bytes]", found)
+
+    def transaction(self, *commands: Sequence[str | bytes | int]) -> list[Any]:
+        """Run commands in one MULTI/EXEC; their replies, in order."""
+
+        def run(client: redis.Redis) -> list[Any]:
+            pipe = client.pipeline(transaction=True)
+            for command in commands:
+                pipe.execute_command(*command)  # type: ignore[no-untyped-call]
+            return list(pipe.execute())
+
+        return self._call(run)
+
+    def script(self, module_file: str, name: str) -> LuaScript:
+        """Register the Lua script ``lua/<name>`` beside a module (see ``lua_source``)."""
+        return LuaScript(name, self.client.register_script(lua_source(module_file, name)))
+
+    def run_script(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """EVALSHA a registered script (loading it when Redis does not know it yet), over the
+        worker's shared pipelined connection when there is one."""
+        registered = script._script
         pipeline = self._pipeline
         if pipeline is None:
-            return self.call(lambda client: client.execute_command(*args))  # type: ignore[no-untyped-call]
-        return self._guarded(lambda: pipeline.execute(*args))
-
-    def run_script(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """EVALSHA a registered script (loading it when Redis does not know it yet)."""
-        pipeline = self._pipeline
-        if pipeline is None:
-            return self.call(lambda client: script(keys=keys, args=args, client=client))
+            return self._call(lambda client: registered(keys=keys, args=args, client=client))
 
         def evaluate() -> Any:
-            command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+            command = ("EVALSHA", registered.sha, len(keys), *keys, *args)
             try:
                 return pipeline.execute(*command)
             except ReplyError as exc:
                 if not str(exc).startswith("NOSCRIPT"):
                     raise
-            pipeline.execute("SCRIPT", "LOAD", script.script)
+            pipeline.execute("SCRIPT", "LOAD", registered.script)
             return pipeline.execute(*command)
 
         return self._guarded(evaluate)
+
+    def _command(self, *args: Any) -> Any:
+        """One command, over the worker's shared pipelined connection when there is one."""
+        pipeline = self._pipeline
+        if pipeline is None:
+            return self._call(lambda client: client.execute_command(*args))  # type: ignore[no-untyped-call]
+        return self._guarded(lambda: pipeline.execute(*args))
+
+    def _call(self, operation: Callable[[redis.Redis], T]) -> T:
+        """Run ``operation(client)`` on a pooled connection."""
+        return self._guarded(lambda: operation(self.client))
 
     def _guarded(self, attempt: Callable[[], T]) -> T:
         if not self.available:
@@ -148,7 +244,7 @@ class RedisService:
 
     def ping(self) -> bool:
         try:
-            return bool(self.call(lambda client: client.ping()))
+            return bool(self._call(lambda client: client.ping()))
         except RedisUnavailable:
             return False
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, NoReturn
 
 from proxy_app import headers
@@ -17,7 +16,6 @@ from proxy_app.redis import RedisService, RedisUnavailable
 
 _API_KEY_ENVIRON = "HTTP_" + headers.API_KEY.upper().replace("-", "_")  # as WSGI names it
 _OUTCOMES = frozenset({b"ok", b"limited", b"unknown", b"revoked", b"expired"})
-_SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
 #: The answer when Redis cannot tell whether a key may pass.
 OUTAGE = RedisOutage(
     "auth_unavailable", "API keys cannot be checked right now; try again shortly.", 1
@@ -58,7 +56,7 @@ class AccessGate:
         self.names = KeyNamespace(prefix)
         self.policy = policy
         self.metrics = metrics
-        self._script = redis.client.register_script(_SCRIPT)
+        self._script = redis.script(__file__, "access_check.lua")
 
     def check(self, key_id: str, raw_key: str, also_read: str | None = None) -> AccessDecision:
         """Check the key and charge its limit; with ``also_read``, also read that Redis key when

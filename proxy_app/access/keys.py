@@ -3,7 +3,8 @@ its metadata (the raw key is shown once, at creation, and never stored).
 
 Layout under API_KEYS_REDIS_PREFIX (``P``): ``P:key:<keyId>`` a hash with the record,
 ``P:keys`` the set of key ids (for listing without KEYS), ``P:rate:<keyId>`` the key's
-rate-limit state. Records carry no TTL, so a ``volatile-*`` eviction policy never drops them.
+rate-limit state, ``P:admin-failures:<client>`` wrong admin tokens per client and window.
+Records carry no TTL, so a ``volatile-*`` eviction policy never drops them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import hashlib
 import re
 import secrets
 import string
-from pathlib import Path
 from typing import Any
 
 from proxy_app.redis import RedisService
@@ -24,7 +24,6 @@ KEY_ID_LENGTH = 12  # ~71 bits: ids never collide in practice, yet stay short in
 SECRET_BYTES = 32  # 256 bits of entropy in the secret part
 _ID_ALPHABET = string.ascii_letters + string.digits
 _KEY_SHAPE = re.compile(r"^pk_([A-Za-z0-9]{12})_([A-Za-z0-9_-]{43})$")
-_LUA_DIR = Path(__file__).with_name("lua")
 
 
 def generate_key() -> tuple[str, str]:
@@ -122,7 +121,7 @@ class KeyRegistry:
     def __init__(self, redis: RedisService, prefix: str) -> None:
         self.redis = redis
         self.names = KeyNamespace(prefix)
-        self._update = redis.client.register_script((_LUA_DIR / "key_update.lua").read_text())
+        self._update = redis.script(__file__, "key_update.lua")
 
     def create(
         self,
@@ -159,32 +158,24 @@ class KeyRegistry:
             "revoked": "0",
             "revokedAt": "",
         }
-
-        def store(client: Any) -> None:
-            pipe = client.pipeline(transaction=True)
-            pipe.hset(self.names.record(key_id), mapping=fields)
-            pipe.sadd(self.names.all_ids, key_id)
-            pipe.execute()
-
-        self.redis.call(store)
+        self.redis.transaction(
+            (
+                "HSET",
+                self.names.record(key_id),
+                *(item for pair in fields.items() for item in pair),
+            ),
+            ("SADD", self.names.all_ids, key_id),
+        )
         return record, raw_key
 
     def get(self, key_id: str) -> KeyRecord | None:
-        def fetch(client: Any) -> dict[bytes, bytes]:
-            return client.hgetall(self.names.record(key_id))  # type: ignore[no-any-return]
-
-        fields = self.redis.call(fetch)
+        fields = self.redis.hgetall(self.names.record(key_id))
         return KeyRecord.from_redis(fields) if fields else None
 
     def list(self) -> list[KeyRecord]:
-        def fetch(client: Any) -> list[dict[bytes, bytes]]:
-            key_ids = list(client.sscan_iter(self.names.all_ids, count=500))
-            pipe = client.pipeline(transaction=False)
-            for key_id in key_ids:
-                pipe.hgetall(self.names.record(key_id.decode()))
-            return [fields for fields in pipe.execute() if fields]
-
-        records = [KeyRecord.from_redis(fields) for fields in self.redis.call(fetch)]
+        key_ids = self.redis.set_members(self.names.all_ids, batch=500)
+        found = self.redis.hgetall_many([self.names.record(key_id.decode()) for key_id in key_ids])
+        records = [KeyRecord.from_redis(fields) for fields in found if fields]
         return sorted(records, key=lambda record: (record.created_at, record.key_id))
 
     def revoke(self, key_id: str) -> bool:
@@ -194,21 +185,17 @@ class KeyRegistry:
         return self._set_fields(key_id, revoked="0", revokedAt="")
 
     def delete(self, key_id: str) -> bool:
-        def remove(client: Any) -> int:
-            pipe = client.pipeline(transaction=True)
-            pipe.delete(self.names.record(key_id))
-            pipe.srem(self.names.all_ids, key_id)
-            pipe.delete(self.names.rate(key_id))
-            return int(pipe.execute()[0])
+        removed = self.redis.transaction(
+            ("DEL", self.names.record(key_id)),
+            ("SREM", self.names.all_ids, key_id),
+            ("DEL", self.names.rate(key_id)),
+        )
+        return bool(removed[0])
 
-        return bool(self.redis.call(remove))
+    def count_admin_failure(self, client: str, window_s: int) -> int:
+        """One more wrong admin token from ``client`` in the current window; the count."""
+        return self.redis.incr_with_ttl(self.names.admin_failures(client), window_s)
 
     def _set_fields(self, key_id: str, **fields: str) -> bool:
         args = [item for pair in fields.items() for item in pair]
-        return bool(
-            self.redis.call(
-                lambda client: self._update(
-                    keys=[self.names.record(key_id)], args=args, client=client
-                )
-            )
-        )
+        return bool(self.redis.run_script(self._update, [self.names.record(key_id)], args))

@@ -19,7 +19,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from proxy_app.redis import RedisService, RedisUnavailable
@@ -38,7 +37,6 @@ SCAN_COUNT = 1000
 DELETE_BATCH = 500
 _HEADER = struct.Struct("!4sdddd")
 _MAGIC = b"PXC1"
-_LUA_DIR = Path(__file__).with_name("lua")
 
 
 class Outcome(enum.StrEnum):
@@ -128,10 +126,6 @@ class _Flight:
     error: BaseException | None = None
 
 
-def _lua(name: str) -> str:
-    return (_LUA_DIR / name).read_text()
-
-
 def encode(stored: Stored) -> bytes:
     header = _HEADER.pack(
         _MAGIC, stored.stored_at, stored.fresh_until, stored.stale_until, stored.error_until
@@ -169,16 +163,15 @@ class CacheService:
         # Keys whose last answer was not cacheable, and until when to believe that.
         self._passes: dict[str, float] = {}
         self._flights_lock = threading.Lock()
-        client = redis.client
-        self._store_script = client.register_script(_lua("cache_store.lua"))
-        self._release_script = client.register_script(_lua("lock_release.lua"))
-        self._delete_target_script = client.register_script(_lua("cache_delete_indexed.lua"))
+        self._store_script = redis.script(__file__, "cache_store.lua")
+        self._release_script = redis.script(__file__, "lock_release.lua")
+        self._delete_target_script = redis.script(__file__, "cache_delete_indexed.lua")
 
     # --- plain operations --------------------------------------------------------------------
 
     def get(self, key: str) -> Stored | None:
         """The stored entry (fresh, stale or only kept for revalidation), or None."""
-        blob = self.redis.command("GET", key)
+        blob = self.redis.get(key)
         return decode(blob) if blob else None
 
     def set(
@@ -199,15 +192,11 @@ class CacheService:
         stored = Stored(value, now, now + ttl, now + ttl + stale, now + ttl + on_error)
         expire_ms = max(1, int((max(stale, on_error) + ttl + retain_s) * 1000))
         keys = [key, index] if index else [key]
-        self._redis(
-            lambda client: self._store_script(
-                keys=keys, args=[encode(stored), expire_ms], client=client
-            )
-        )
+        self.redis.run_script(self._store_script, keys, [encode(stored), expire_ms])
         return stored
 
     def delete(self, key: str) -> bool:
-        return bool(self._redis(lambda client: client.delete(key)))
+        return bool(self.redis.delete(key))
 
     def scan_delete(self, pattern: str, *, dry_run: bool = False) -> tuple[int, int]:
         """Find keys matching a glob pattern with SCAN (never KEYS) and unlink them in batches;
@@ -215,33 +204,20 @@ class CacheService:
         matched = deleted = 0
         cursor = 0
         while True:
-
-            def scan(client: Any, at: int = cursor) -> tuple[int, list[bytes]]:
-                return client.scan(at, match=pattern, count=SCAN_COUNT)  # type: ignore[no-any-return]
-
-            cursor, keys = self._redis(scan)
+            cursor, keys = self.redis.scan(cursor, match=pattern, count=SCAN_COUNT)
             matched += len(keys)
             if keys and not dry_run:
                 for first in range(0, len(keys), DELETE_BATCH):
-                    batch = keys[first : first + DELETE_BATCH]
-
-                    def unlink(client: Any, names: list[bytes] = batch) -> int:
-                        return int(client.unlink(*names))
-
-                    deleted += self._redis(unlink)
+                    deleted += self.redis.unlink(*keys[first : first + DELETE_BATCH])
             if cursor == 0:
                 return matched, deleted
 
     def exists(self, key: str) -> bool:
-        return bool(self._redis(lambda client: client.exists(key)))
+        return self.redis.exists(key)
 
     def delete_indexed(self, index: str) -> int:
         """Delete every key listed in an index set, and the set; returns how many went."""
-        return int(
-            self._redis(
-                lambda client: self._delete_target_script(keys=[index], args=[], client=client)
-            )
-        )
+        return int(self.redis.run_script(self._delete_target_script, [index], []))
 
     # --- cache-aside with stale-while-revalidate and coalescing -------------------------------
 
@@ -336,9 +312,7 @@ class CacheService:
         lock = _lock_key(key)
         try:
             # NX with GET: either we take the lock (None) or learn what holds it, in one call.
-            holder = self._redis(
-                lambda client: client.set(lock, token, nx=True, px=self._lock_ms, get=True)
-            )
+            holder = self.redis.set_nx_get(lock, token, px=self._lock_ms)
         except RedisUnavailable:
             return self._load_and_store(key, loader, previous, index)
         if holder == _PASS:
@@ -392,7 +366,7 @@ class CacheService:
         while time.monotonic() < deadline:
             time.sleep(POLL_INTERVAL_S)
             try:
-                blob, lock_value = self._redis(lambda client: client.mget(key, lock))
+                blob, lock_value = self.redis.mget(key, lock)
             except RedisUnavailable:
                 return None
             stored = decode(blob) if blob else None
@@ -441,12 +415,10 @@ class CacheService:
     def _release(self, lock: str, token: str, stored: bool) -> None:
         # Without Redis the lock simply expires.
         with contextlib.suppress(RedisUnavailable):
-            self._redis(
-                lambda client: self._release_script(
-                    keys=[lock],
-                    args=[token, "deleted" if stored else "pass", PASS_MARKER_TTL_MS],
-                    client=client,
-                )
+            self.redis.run_script(
+                self._release_script,
+                [lock],
+                [token, "deleted" if stored else "pass", PASS_MARKER_TTL_MS],
             )
 
     def _refresh_in_background(
@@ -456,7 +428,7 @@ class CacheService:
             token = secrets.token_hex(8)
             lock = _lock_key(key)
             try:
-                if not self._redis(lambda c: c.set(lock, token, nx=True, px=self._lock_ms)):
+                if not self.redis.set_nx(lock, token, px=self._lock_ms):
                     return  # another worker or replica is refreshing this key
             except RedisUnavailable:
                 return
@@ -478,9 +450,6 @@ class CacheService:
 
         if not self._spawn(refresh):
             log.debug("background refresh skipped: the refresh pool is full")
-
-    def _redis(self, operation: Callable[[Any], Any]) -> Any:
-        return self.redis.call(operation)
 
 
 def _lock_key(key: str) -> str:

@@ -139,7 +139,7 @@ def test_redis_unavailable_during_the_key_check_fails_closed(
     def down(_operation: object) -> object:
         raise RedisUnavailable("keys is unavailable")
 
-    monkeypatch.setattr(app.extensions["proxy_app.redis"].keys, "call", down)
+    monkeypatch.setattr(app.extensions["proxy_app.redis"].keys, "_guarded", down)
     status, headers, body = get(app, api_key)
     assert (status, body["error"]) == (503, "auth_unavailable")
     assert headers["retry-after"] == "1"

@@ -137,7 +137,7 @@ def test_redis_unavailable_gives_503(
     def down(_operation: object) -> object:
         raise RedisUnavailable("cache is unavailable")
 
-    monkeypatch.setattr(app.extensions["proxy_app.redis"].cache, "call", down)
+    monkeypatch.setattr(app.extensions["proxy_app.redis"].cache, "_guarded", down)
     response = admin.post("/internal/cache/invalidate", json={"scope": "all"})
     assert (response.status_code, response.get_json()["error"]) == (503, "cache_unavailable")
 

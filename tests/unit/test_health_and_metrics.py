@@ -33,7 +33,7 @@ def test_health_is_degraded_and_not_ready_while_redis_fails(
     def failing(_operation: object) -> object:
         raise RedisUnavailable("cache is unavailable")
 
-    monkeypatch.setattr(cache, "call", failing)
+    monkeypatch.setattr(cache, "_guarded", failing)
     health = client.get("/health")
     assert health.status_code == 200
     assert health.json is not None

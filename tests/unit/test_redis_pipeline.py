@@ -115,7 +115,7 @@ def test_an_idle_connection_notices_a_restart_before_the_next_command(
 def test_scripts_are_loaded_when_redis_does_not_know_them(redis_url: str) -> None:
     service = RedisService(redis_url, timeout_ms=1000)
     try:
-        script = service.client.register_script("return ARGV[1] .. KEYS[1]")
+        script = service.script(__file__, "echo_key.lua")
         service.client.script_flush()
         assert service.run_script(script, ["k"], ["v"]) == b"vk"
         assert service.run_script(script, ["k2"], ["w"]) == b"wk2"
@@ -129,9 +129,9 @@ def test_service_reports_unavailable_when_nothing_listens() -> None:
     service = RedisService(f"redis://127.0.0.1:{free_port()}/0", timeout_ms=100)
     try:
         with pytest.raises(RedisUnavailable):
-            service.command("GET", "x")
+            service.get("x")
         with pytest.raises(RedisUnavailable):  # short-circuited now, without a connect
-            service.command("GET", "x")
+            service.get("x")
     finally:
         service.close()
 
