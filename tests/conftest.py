@@ -4,21 +4,16 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
 
-import fakeredis
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from proxy_app import create_app
 from proxy_app.settings import Settings
+from tests.support.app import ADMIN_TOKEN, fake_redis_app, settings_for_tests
 from tests.support.gateway import Gateway
 from tests.support.redis_server import RedisServer
 from tests.support.stub_upstream import StubUpstream
-
-ADMIN_TOKEN = "test-admin-token-5f2c9a"
-UPSTREAM_KEY = "test-upstream-key-77d1e0"
 
 
 @pytest.fixture(scope="session")
@@ -57,28 +52,6 @@ def stub() -> Iterator[StubUpstream]:
 @pytest.fixture
 def make_settings() -> Callable[..., Settings]:
     return settings_for_tests
-
-
-def settings_for_tests(**overrides: Any) -> Settings:
-    values: dict[str, Any] = {
-        "upstream_base_url": "http://upstream.test/v4",
-        "upstream_api_key": UPSTREAM_KEY,
-        "admin_api_token": ADMIN_TOKEN,
-        "upstream_retries": 0,
-        "web_concurrency": 1,
-    }
-    values.update(overrides)
-    return Settings(**values)
-
-
-def fake_redis_app(**overrides: Any) -> Flask:
-    """The app with Redis replaced by fakeredis: for fast tests of request handling."""
-    application = create_app(settings_for_tests(**overrides))
-    application.config["TESTING"] = True
-    fake = fakeredis.FakeRedis()
-    for service in application.extensions["proxy_app.redis"].services():
-        service.use_client(fake)
-    return application
 
 
 @pytest.fixture

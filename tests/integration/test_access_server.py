@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.support.app import ADMIN_TOKEN, UPSTREAM_KEY
 from tests.support.concurrency import in_parallel
 from tests.support.gateway import Gateway
 from tests.support.redis_server import RedisServer

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_TOKEN
+from tests.support.app import ADMIN_TOKEN
 from tests.support.gateway import Gateway
 from tests.support.stub_upstream import StubUpstream
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.support.app import ADMIN_TOKEN, UPSTREAM_KEY
 from tests.support.gateway import Gateway
 from tests.support.net import free_port
 from tests.support.redis_server import RedisServer

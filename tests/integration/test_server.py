@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
-from tests.conftest import ADMIN_TOKEN
+from tests.support.app import ADMIN_TOKEN
 from tests.support.gateway import Gateway
 from tests.support.raw_http import RawConnection, request_bytes
 from tests.support.redis_server import RedisServer

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from proxy_app.cache.policy import MAX_STORED_BODY_BYTES
-from tests.conftest import ADMIN_TOKEN, UPSTREAM_KEY
+from tests.support.app import ADMIN_TOKEN, UPSTREAM_KEY
 from tests.support.gateway import Gateway
 from tests.support.stub_upstream import Reply, StubUpstream, generated_digest
 

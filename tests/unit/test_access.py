@@ -10,7 +10,7 @@ from flask import Flask
 
 from proxy_app.access.keys import KeyRegistry
 from proxy_app.redis import RedisUnavailable
-from tests.conftest import fake_redis_app
+from tests.support.app import fake_redis_app
 from tests.support.stub_upstream import Reply, StubUpstream
 
 

@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 from proxy_app.cache import policy
 from proxy_app.forwarding import forward_request_headers
 from proxy_app.redis import RedisUnavailable
-from tests.conftest import ADMIN_TOKEN, fake_redis_app
+from tests.support.app import ADMIN_TOKEN, fake_redis_app
 
 # Keys as the proxy makes them: from the headers it forwards (accept-encoding defaults included).
 JSON = forward_request_headers([("Accept", "application/json")], request_id="r")

@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 
 from proxy_app.admin_auth import FAILURES_ALLOWED
 from proxy_app.redis import RedisUnavailable
-from tests.conftest import ADMIN_TOKEN
+from tests.support.app import ADMIN_TOKEN
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 

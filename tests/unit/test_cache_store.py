@@ -16,7 +16,7 @@ from tests.support.net import free_port
 MakeRedis = Callable[[], RedisService]
 
 
-@pytest.fixture(params=["fakeredis", "redis-server"])
+@pytest.fixture(params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.redis)])
 def make_redis(request: pytest.FixtureRequest) -> Iterator[MakeRedis]:
     """Connections to one shared Redis (each call: another client, like another worker)."""
     if request.param == "fakeredis":

@@ -7,7 +7,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import ADMIN_TOKEN, fake_redis_app
+from tests.support.app import ADMIN_TOKEN, fake_redis_app
 from tests.support.stub_upstream import Reply, StubUpstream
 
 APP_ORIGIN = "https://app.example.com"

@@ -9,7 +9,7 @@ from flask.testing import FlaskClient
 from proxy_app import create_app
 from proxy_app.redis import RedisUnavailable
 from proxy_app.settings import Settings
-from tests.conftest import ADMIN_TOKEN
+from tests.support.app import ADMIN_TOKEN
 
 
 def test_health_reports_ok_version_and_redis(client: FlaskClient) -> None:

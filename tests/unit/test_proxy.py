@@ -16,7 +16,7 @@ from flask.testing import FlaskClient
 from proxy_app.cache.policy import MAX_STORED_BODY_BYTES
 from proxy_app.http_connection import ResponseAborted
 from proxy_app.upstream import UpstreamResponseTooLarge
-from tests.conftest import UPSTREAM_KEY, fake_redis_app
+from tests.support.app import UPSTREAM_KEY, fake_redis_app
 from tests.support.net import free_port
 from tests.support.stub_upstream import Recorded, Reply, StubUpstream, generated_digest
 

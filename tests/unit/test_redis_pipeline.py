@@ -13,6 +13,8 @@ from proxy_app.redis import RedisService, RedisUnavailable
 from proxy_app.redis_pipeline import PipelinedConnection, PipelineError, PipelineTimeout
 from tests.support.redis_server import RedisServer
 
+pytestmark = pytest.mark.redis
+
 # Keeps Redis busy for a few hundred milliseconds.
 SPIN = "local n = 0 for i = 1, 30000000 do n = n + i end return 'done'"
 
