@@ -74,6 +74,7 @@ class CountingLoader:
         self.previous: list[Stored | None] = []
         self.delay_s = delay_s
         self._lock = threading.Lock()
+        self.started = threading.Event()  # set when a load starts (its key's lock is held)
 
     @property
     def calls(self) -> int:
@@ -83,6 +84,7 @@ class CountingLoader:
         with self._lock:
             self.previous.append(previous)
             value = self.values.pop(0) if len(self.values) > 1 else self.values[0]
+        self.started.set()
         if self.delay_s:
             time.sleep(self.delay_s)
         if isinstance(value, Exception):
@@ -209,7 +211,7 @@ def test_a_miss_elsewhere_is_waited_for_not_repeated(
     other = CountingLoader(Load(b"from-b"))
     thread = threading.Thread(target=lambda: worker_a.wrap("cold", slow))
     thread.start()
-    time.sleep(0.1)  # worker A holds the load lock now
+    assert slow.started.wait(5)  # worker A holds the load lock now
     result = worker_b.wrap("cold", other)
     thread.join(timeout=10)
     assert (result.outcome, result.value) == (Outcome.HIT, b"from-a")
@@ -220,11 +222,10 @@ def test_waiters_elsewhere_stop_waiting_when_the_result_is_not_stored(
     make_redis: MakeRedis, spawned: Spawned
 ) -> None:
     worker_a, worker_b = make_cache(make_redis(), spawned, 5), make_cache(make_redis(), spawned, 5)
-    thread = threading.Thread(
-        target=lambda: worker_a.wrap("k", CountingLoader(Load(b"a", store=False), delay_s=0.3))
-    )
+    loading = CountingLoader(Load(b"a", store=False), delay_s=0.3)
+    thread = threading.Thread(target=lambda: worker_a.wrap("k", loading))
     thread.start()
-    time.sleep(0.1)
+    assert loading.started.wait(5)  # worker A holds the load lock now
     started = time.monotonic()
     result = worker_b.wrap("k", CountingLoader(Load(b"b", store=False)))
     thread.join(timeout=10)
@@ -302,7 +303,7 @@ def test_a_waiter_in_the_same_worker_does_not_take_another_variant(
 
     first = threading.Thread(target=request, args=("mobile", leader, b"for-mobile"))
     first.start()
-    time.sleep(0.1)  # the mobile request is loading; the desktop one arrives meanwhile
+    assert leader.started.wait(5)  # the mobile request is loading; the desktop one arrives now
     request("desktop", follower, b"for-desktop")
     first.join(timeout=10)
     assert results == {"mobile": b"for-mobile", "desktop": b"for-desktop"}
