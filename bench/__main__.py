@@ -68,11 +68,11 @@ pass-through one as many as it answered.
   prints what each gets (req/s, p50, p99). No verdict: it shows whether a stream of cheap
   requests crowds out the others (under gevent a request that never waits never lets the other
   connections of its worker run; the gateway makes such requests yield once).
-- ``stampede``: ``--stampede N`` threads (default 100) each open a connection to a second
-  gateway whose upstream answers after 300 ms (``bench/slow_upstream.py``, which counts requests
-  per path), wait at a barrier and then all GET one never-requested path with ``Connection:
-  close``. Prints how many requests reached the upstream (goal 1), the answers' ``x-cache`` and
-  statuses (goal all 200), the wall time and the Redis commands the gateways sent.
+- ``stampede``: ``--stampede N`` threads (default 100) each open a connection to a second gateway
+  whose upstream answers after 300 ms (``tests/support/stub_upstream.py``, which counts requests per
+  path), wait at a barrier and then all GET one never-requested path with ``Connection: close``.
+  Prints how many requests reached the upstream (goal 1), the answers' ``x-cache`` and statuses
+  (goal all 200), the wall time and the Redis commands the gateways sent.
 - ``stampede-2``: the same across two gateway instances (separate processes on separate ports,
   ``--workers`` each) sharing one Redis and the slow upstream, half the requests to each. Goals:
   exactly 1 upstream call, all 200.
@@ -85,13 +85,13 @@ pass-through one as many as it answered.
   under 64 MB with all three downloads complete; every hit 200 and none slower than 1 s. The
   probe gives up on downloads after 120 s, and stops reading past 6 GB of growth.
 - ``shutdown``: a fresh gateway (up to 2 workers, default ``GRACEFUL_TIMEOUT``) in front of an
-  upstream that answers after 1 s (``bench/slow_upstream.py``); 40 idle keep-alive connections
-  (one request answered each, the socket left open), 10 requests waiting on the upstream, then
-  SIGTERM to the gunicorn master. Prints how many of the 10 were answered 200 (goal: all), the
-  exit code and the seconds from SIGTERM to exit (goal: 0 within 4 s; the probe kills the
-  gateway after 45 s). Then the same with ``SHUTDOWN_DRAIN_SECONDS=3``, plus a keyed cache hit
-  on a new connection every 100 ms after SIGTERM and one ``/health/ready`` 0.2 s after it.
-  Goals: new requests keep being answered 200 for at least 3 s; readiness answers 503.
+  upstream that answers after 1 s (``tests/support/stub_upstream.py``); 40 idle keep-alive
+  connections (one request answered each, the socket left open), 10 requests waiting on the
+  upstream, then SIGTERM to the gunicorn master. Prints how many of the 10 were answered 200 (goal:
+  all), the exit code and the seconds from SIGTERM to exit (goal: 0 within 4 s; the probe kills the
+  gateway after 45 s). Then the same with ``SHUTDOWN_DRAIN_SECONDS=3``, plus a keyed cache hit on a
+  new connection every 100 ms after SIGTERM and one ``/health/ready`` 0.2 s after it. Goals: new
+  requests keep being answered 200 for at least 3 s; readiness answers 503.
 
 wrk scenarios run in alternating rounds so that drift on a shared machine hits all of them
 alike; medians of the rounds are printed, with the ratios to ``upstream``, ``flask-hello`` and

@@ -1,8 +1,8 @@
 """Processes the benchmarks drive: nginx as a fast upstream, a slow Python upstream that counts
-requests, private redis-servers, the gateway under gunicorn + gevent, the NestJS service it
-replaces (a built checkout, under node), and wrk as the load generator in its own process; and
-the counters read from them (Redis ``INFO commandstats`` and MONITOR, the gateway's metrics,
-nginx's and the slow upstream's request counts)."""
+requests (the tests' stub upstream), private redis-servers, the gateway under gunicorn + gevent,
+the NestJS service it replaces (a built checkout, under node), and wrk as the load generator in
+its own process; and the counters read from them (Redis ``INFO commandstats`` and MONITOR, the
+gateway's metrics, nginx's and the slow upstream's request counts)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ from typing import Any, cast
 import redis
 
 from bench.payload import PAYLOAD as PAYLOAD  # re-exported: the document nginx serves
+from tests.support.net import free_port as free_port  # re-exported: the one the tests use
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # The large no-store document nginx serves at BIG_PATH: a sparse file, so it costs no disk.
@@ -36,12 +37,6 @@ BIG_PATH = "/big/download.bin"
 BIG_SIZE = 512 * 1024 * 1024
 # nginx's request counter (stub_status); each reading counts itself as one request.
 NGINX_STATUS_PATH = "/__nginx_status"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_http(url: str, timeout_s: float = 20) -> None:
@@ -208,15 +203,23 @@ http {{
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "PYTHONPATH": str(REPO_ROOT),
         }
+        body = self.workdir / "slow-upstream-body.json"
+        body.write_text(PAYLOAD)
         self.start(
             [
                 sys.executable,
                 "-m",
-                "bench.slow_upstream",
+                "tests.support.stub_upstream",
                 "--port",
                 str(port),
                 "--delay",
                 str(delay_s),
+                "--body-file",
+                str(body),
+                "--cache-control",
+                "max-age=60",
+                "--counts-path",
+                COUNTS_PATH,
             ],
             env=env,
             log="slow-upstream.log",

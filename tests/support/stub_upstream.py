@@ -1,9 +1,12 @@
 """A real HTTP server on 127.0.0.1 standing in for the upstream: it records every request it
 receives and answers with scripted replies, large generated bodies included, and counts the
-connections it holds open."""
+connections it holds open. The tests run it in their own process; the bench runs it as one of
+its own (``python -m tests.support.stub_upstream``, see ``main``)."""
 
 from __future__ import annotations
 
+import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -67,10 +70,23 @@ class Recorded:
         return {key.lower() for key, _ in self.headers}
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # a stampede connects all at once
+
+
 class StubUpstream:
-    def __init__(self) -> None:
+    """``port`` 0: a free one. ``default``: the reply to a path without scripted ones (else an
+    echo of the request). ``counts_path``: a path answered at once, unrecorded, with how many
+    requests each path got, as JSON (``{"/x": 1}``)."""
+
+    def __init__(
+        self, port: int = 0, *, default: Reply | None = None, counts_path: str | None = None
+    ) -> None:
         self._lock = threading.Lock()
         self._replies: dict[str, list[Reply]] = {}
+        self._default = default
+        self._counts_path = counts_path
         self.received: list[Recorded] = []
         stub = self
 
@@ -93,6 +109,10 @@ class StubUpstream:
                 length = int(self.headers.get("content-length") or 0)
                 body = self.rfile.read(length) if length else b""
                 path, _, query = self.path.partition("?")
+                if path == stub._counts_path:
+                    counts = json.dumps(stub.counts()).encode()
+                    self._answer(Reply(body=counts, headers=(("cache-control", "no-store"),)))
+                    return
                 recorded = Recorded(self.command, path, query, tuple(self.headers.items()), body)
                 reply = stub._record(recorded)
                 if reply.delay_s:
@@ -137,8 +157,7 @@ class StubUpstream:
 
         self._connections = 0
         self._connections_changed = threading.Condition(self._lock)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", port), Handler)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 
@@ -174,6 +193,11 @@ class StubUpstream:
         with self._lock:
             return [r for r in self.received if path is None or r.path == path]
 
+    def counts(self) -> dict[str, int]:
+        """Requests received per path."""
+        with self._lock:
+            return dict(collections.Counter(r.path for r in self.received))
+
     def last(self) -> Recorded:
         with self._lock:
             return self.received[-1]
@@ -184,9 +208,37 @@ class StubUpstream:
             queue = self._replies.get(recorded.path)
             if queue:
                 return queue.pop(0) if len(queue) > 1 else queue[0]
+        if self._default is not None:
+            return self._default
         echo = {"method": recorded.method, "path": recorded.path, "query": recorded.query}
         return Reply(body=json.dumps(echo).encode())
 
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main() -> None:
+    """A stub upstream process answering every path alike: ``--port``, ``--delay`` seconds
+    before each answer, ``--body-file`` (its bytes, as JSON), ``--cache-control`` and
+    ``--counts-path``; it runs until it is terminated."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--body-file", required=True)
+    parser.add_argument("--cache-control", default="no-store")
+    parser.add_argument("--counts-path")
+    args = parser.parse_args()
+    with open(args.body_file, "rb") as handle:
+        body = handle.read()
+    headers = (("content-type", "application/json"), ("cache-control", args.cache_control))
+    StubUpstream(
+        args.port,
+        default=Reply(body=body, headers=headers, delay_s=args.delay),
+        counts_path=args.counts_path,
+    )
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
