@@ -165,16 +165,11 @@ class ProxyCache:
         def loader(previous: Stored | None) -> Load:
             return self._load(path, query, outbound, previous, answered, client_headers)
 
-        # Entries decoded while judging them, kept with their bytes so that the one served is
-        # not decoded twice (holding the bytes keeps the identity check sound).
-        decoded: list[tuple[bytes, HttpEntry]] = []
-
-        def usable(stored: Stored) -> bool:
+        def usable(stored: Stored) -> HttpEntry | None:
             entry = HttpEntry.read(stored.value)
-            if entry is None:
-                return False
-            decoded.append((stored.value, entry))
-            return entry.matches(forwarded, client_headers)
+            if entry is None or not entry.matches(forwarded, client_headers):
+                return None
+            return entry
 
         try:
             result = self.store.wrap(
@@ -191,9 +186,10 @@ class ProxyCache:
         if isinstance(result.unstored, UpstreamResponse):
             served = self._served_upstream(result.unstored, result.outcome, key)
             return _conditional(served, forwarded)
-        entry = next(
-            (entry for blob, entry in decoded if blob is result.value), None
-        ) or HttpEntry.decode(result.value)
+        # Served from the cache: decoded already, when judged usable; else this load's value.
+        entry = (
+            result.entry if isinstance(result.entry, HttpEntry) else HttpEntry.decode(result.value)
+        )
         cached = result.outcome in (Outcome.HIT, Outcome.STALE, Outcome.REVALIDATED)
         upstream = answered[0] if answered else None
         # A fresh answer the upstream aged itself (it is a cache too) passes its Age on, with

@@ -113,9 +113,15 @@ class Result:
     outcome: Outcome
     stored: Stored | None = None  # the entry the value came from, when it came from the cache
     unstored: Unstored | None = None  # the load's own answer, when it was not stored
+    entry: object = None  # what ``usable`` made of ``stored``, when it judged it
 
 
 Loader = Callable[[Stored | None], Load]
+# What a caller makes of a stored entry (its decoded form, say), or None when the entry cannot
+# serve its request (another variant, or bytes it cannot read).
+Usable = Callable[[Stored], object]
+
+
 Spawn = Callable[[Callable[[], None]], bool]
 
 
@@ -226,7 +232,7 @@ class CacheService:
         key: str,
         loader: Loader,
         *,
-        usable: Callable[[Stored], bool] = lambda _stored: True,
+        usable: Usable = lambda stored: stored,
         index: str | None = None,
         prefetched: Prefetched | None = None,
     ) -> Result:
@@ -238,22 +244,21 @@ class CacheService:
             except RedisUnavailable:
                 loaded = loader(None)
                 return Result(loaded.value, Outcome.BYPASS, unstored=loaded.unstored)
-        if stored is not None and not usable(stored):
-            stored = None
+        entry = usable(stored) if stored is not None else None
         now = time.time()
-        if stored is not None:
+        if stored is not None and entry is not None:
             if now < stored.fresh_until:
-                return Result(stored.value, Outcome.HIT, stored)
+                return Result(stored.value, Outcome.HIT, stored, entry=entry)
             if now < stored.stale_until:
                 self._refresh_in_background(key, loader, stored, index)
-                return Result(stored.value, Outcome.STALE, stored)
+                return Result(stored.value, Outcome.STALE, stored, entry=entry)
             try:
                 return self._load_coalesced(key, loader, stored, index, usable)
             except LoadFailed as failed:
                 if time.time() < stored.error_until:
                     if failed.unstored is not None:
                         failed.unstored.close()
-                    return Result(stored.value, Outcome.STALE, stored)
+                    return Result(stored.value, Outcome.STALE, stored, entry=entry)
                 raise
         if self._passed_recently(key):
             # Its last answer was not cacheable: fetch straight away, as that answer's marker
@@ -267,7 +272,7 @@ class CacheService:
         loader: Loader,
         previous: Stored | None,
         index: str | None,
-        usable: Callable[[Stored], bool],
+        usable: Usable,
     ) -> Result:
         with self._flights_lock:
             flight = self._flights.get(key)
@@ -284,8 +289,10 @@ class CacheService:
                     raise flight.error
                 shared = flight.result
                 # The leader's answer serves us only if it was stored and is our variant.
-                if shared is not None and shared.stored is not None and usable(shared.stored):
-                    return dataclasses.replace(shared, outcome=Outcome.HIT)
+                if shared is not None and shared.stored is not None:
+                    entry = usable(shared.stored)
+                    if entry is not None:
+                        return dataclasses.replace(shared, outcome=Outcome.HIT, entry=entry)
             # Not stored, not our variant, the leader's own answer, or it never came: load
             # for ourselves.
             return self._load_and_store(key, loader, previous, index)
@@ -306,7 +313,7 @@ class CacheService:
         loader: Loader,
         previous: Stored | None,
         index: str | None,
-        usable: Callable[[Stored], bool],
+        usable: Usable,
     ) -> Result:
         token = secrets.token_hex(8)
         lock = _lock_key(key)
@@ -335,9 +342,7 @@ class CacheService:
             return waited
         return self._load_and_store(key, loader, previous, index)
 
-    def _fresh_since(
-        self, key: str, previous: Stored | None, usable: Callable[[Stored], bool]
-    ) -> Result | None:
+    def _fresh_since(self, key: str, previous: Stored | None, usable: Usable) -> Result | None:
         """A fresh, usable entry stored after ``previous``, as a HIT; else None."""
         try:
             current = self.get(key)
@@ -348,17 +353,19 @@ class CacheService:
             current is None
             or current.stored_at == previous_at
             or time.time() >= current.fresh_until
-            or not usable(current)
         ):
             return None
-        return Result(current.value, Outcome.HIT, current)
+        entry = usable(current)
+        if entry is None:
+            return None
+        return Result(current.value, Outcome.HIT, current, entry=entry)
 
     def _wait_for_other_load(
         self,
         key: str,
         lock: str,
         previous: Stored | None,
-        usable: Callable[[Stored], bool],
+        usable: Usable,
     ) -> Result | None:
         """Poll for the entry another worker is loading; None when it will not come."""
         deadline = time.monotonic() + self.wait_s
@@ -370,8 +377,10 @@ class CacheService:
             except RedisUnavailable:
                 return None
             stored = decode(blob) if blob else None
-            if stored is not None and stored.stored_at != previous_at and usable(stored):
-                return Result(stored.value, Outcome.HIT, stored)
+            if stored is not None and stored.stored_at != previous_at:
+                entry = usable(stored)
+                if entry is not None:
+                    return Result(stored.value, Outcome.HIT, stored, entry=entry)
             if lock_value is None or lock_value == _PASS:
                 return None
         return None

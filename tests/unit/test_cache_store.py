@@ -180,7 +180,9 @@ def test_unusable_entries_count_as_misses(make_redis: MakeRedis, spawned: Spawne
     cache = make_cache(make_redis(), spawned)
     cache.set("k", b"other-variant", ttl_s=60)
     loader = CountingLoader(Load(b"mine"))
-    result = cache.wrap("k", loader, usable=lambda stored: stored.value == b"mine")
+    result = cache.wrap(
+        "k", loader, usable=lambda stored: stored if stored.value == b"mine" else None
+    )
     assert (result.outcome, result.value) == (Outcome.MISS, b"mine")
 
 
@@ -298,7 +300,9 @@ def test_a_waiter_in_the_same_worker_does_not_take_another_variant(
     results: dict[str, bytes] = {}
 
     def request(name: str, loader: CountingLoader, wanted: bytes) -> None:
-        result = cache.wrap("k", loader, usable=lambda stored: stored.value == wanted)
+        result = cache.wrap(
+            "k", loader, usable=lambda stored: stored if stored.value == wanted else None
+        )
         results[name] = result.value
 
     first = threading.Thread(target=request, args=("mobile", leader, b"for-mobile"))
