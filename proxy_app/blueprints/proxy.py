@@ -101,9 +101,9 @@ def blueprint(
     def proxy(path: str) -> Response:
         state = request_state.current()
         plan = state.proxy
-        if plan is None or plan.target is None:
-            refusal = plan.refusal if plan is not None else None
-            raise BadRequest(refusal or "The path was refused.", code="invalid_path")
+        assert plan is not None  # made by admit_request, which ran first
+        if plan.target is None:  # refused: plan.refusal says why
+            raise BadRequest(str(plan.refusal), code="invalid_path")
         method = request.method
         body = _request_body(method)
         with _upstream_errors_as_responses():
