@@ -110,7 +110,11 @@ def test_a_drain_keeps_serving_with_readiness_503_then_stops(
     )
     kept = idle_connections(gateway, 1)[0]
     signalled = _signal(gateway, signal.SIGTERM)
-    time.sleep(0.3)  # the worker has the signal
+    wait_until(
+        lambda: "still serving while the ingress notices" in gateway.output(),
+        5,
+        "the worker to have the signal",
+    )
     kept.send(request_bytes("GET", "/health/ready"))
     readiness = kept.read_response()
     assert readiness.status == 503
