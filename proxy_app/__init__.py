@@ -33,6 +33,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.redis import RedisConnections
     from proxy_app.settings import from_environment
     from proxy_app.upstream import UpstreamClient
+    from proxy_app.upstream_guard import UpstreamGuard
 
     if settings is None:
         settings = from_environment()
@@ -53,7 +54,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     metrics = Metrics(settings.metrics_multiproc_dir)
     redis = RedisConnections(settings, on_error=metrics.count_redis_error)
-    upstream = UpstreamClient.from_settings(settings, metrics)
+    guard = UpstreamGuard.from_settings(settings, redis.cache, metrics)
+    upstream = UpstreamClient.from_settings(settings, metrics, guard)
     store = CacheService(
         redis.cache,
         default_ttl_s=settings.cache_ttl_default_s,

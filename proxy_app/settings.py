@@ -59,6 +59,13 @@ class Settings:
     upstream_timeout_ms: int = 10_000
     upstream_retries: int = 2
     upstream_api_key: str = dataclasses.field(default="", repr=False)
+    # Sparing the upstream (proxy_app/upstream_guard.py); each off unless set.
+    upstream_max_concurrency: int | None = None  # per worker; None: unlimited
+    upstream_queue_timeout_ms: int = 100
+    upstream_rate_limit: int | None = None  # requests per second across replicas; None: none
+    upstream_retry_after_max_s: int = 0  # 0: an upstream's Retry-After pauses nothing
+    upstream_breaker_failures: int = 0  # 0: no circuit breaker
+    upstream_breaker_cooldown_s: int = 30
     proxy_body_limit_bytes: int = 1_048_576
     proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
     proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
@@ -261,6 +268,33 @@ class _SettingsSchema(Schema):
     )
     upstream_retries = _int("HTTP_CLIENT_RETRIES", "an integer from 0 to 10", 0, 10)
     upstream_api_key = _str("HTTP_CLIENT_API_KEY", "any string", secret=True)
+    upstream_max_concurrency = _int(
+        "UPSTREAM_MAX_CONCURRENCY",
+        "an integer from 1 to 100000 (requests in flight per worker); unset for no limit",
+        1,
+        100_000,
+    )
+    upstream_queue_timeout_ms = _int(
+        "UPSTREAM_QUEUE_TIMEOUT_MS", "milliseconds, an integer from 0 to 60000", 0, 60_000
+    )
+    upstream_rate_limit = _int(
+        "UPSTREAM_RATE_LIMIT",
+        "requests per second, an integer from 1 to 1000000; unset for no limit",
+        1,
+        1_000_000,
+    )
+    upstream_retry_after_max_s = _int(
+        "UPSTREAM_RETRY_AFTER_MAX_SECONDS",
+        "seconds, an integer from 0 (off) to 3600",
+        0,
+        3600,
+    )
+    upstream_breaker_failures = _int(
+        "UPSTREAM_BREAKER_FAILURES", "an integer from 0 (off) to 1000", 0, 1000
+    )
+    upstream_breaker_cooldown_s = _int(
+        "UPSTREAM_BREAKER_COOLDOWN_SECONDS", "seconds, an integer from 1 to 3600", 1, 3600
+    )
     proxy_body_limit_bytes = _int(
         "PROXY_BODY_LIMIT", "bytes, an integer from 0 to 104857600", 0, 100 * 1024 * 1024
     )

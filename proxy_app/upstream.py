@@ -7,6 +7,7 @@ import http.client
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import certifi
@@ -17,6 +18,9 @@ from urllib3.util import SKIP_HEADER, Retry, Timeout, make_headers, parse_url
 
 from proxy_app.metrics import Metrics
 from proxy_app.settings import Settings
+
+if TYPE_CHECKING:
+    from proxy_app.upstream_guard import UpstreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +280,11 @@ class UpstreamClient:
         pool_size: int = 100,
         response_limit_bytes: int | None = None,
         metrics: Metrics | None = None,
+        guard: UpstreamGuard | None = None,
     ) -> None:
         self.base_url = base_url
         self._metrics = metrics
+        self.guard = guard
         self.timeout_s = timeout_ms / 1000
         # The longest one request may take: connect and read timeouts for every attempt, plus
         # the pauses between attempts.
@@ -294,7 +300,12 @@ class UpstreamClient:
             self._pool, self._base_path, self._auth = _connection_pool(base_url, pool_size)
 
     @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> UpstreamClient:
+    def from_settings(
+        cls,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        guard: UpstreamGuard | None = None,
+    ) -> UpstreamClient:
         return cls(
             settings.upstream_base_url,
             timeout_ms=settings.upstream_timeout_ms,
@@ -303,6 +314,7 @@ class UpstreamClient:
             pool_size=settings.worker_connections,
             response_limit_bytes=settings.proxy_response_limit_bytes,
             metrics=metrics,
+            guard=guard,
         )
 
     def close(self) -> None:
@@ -341,11 +353,24 @@ class UpstreamClient:
         read or close. An answer longer than PROXY_RESPONSE_LIMIT by its content-length is
         refused here (UpstreamResponseTooLarge), before any of it is read."""
         method = method.upper()
-        try:
-            response = self._send(method, path, query, headers, body)
-        except UpstreamError as exc:
-            self._count_error(exc)
-            raise
+        if self.guard is None:
+            try:
+                response = self._send(method, path, query, headers, body)
+            except UpstreamError as exc:
+                self._count_error(exc)
+                raise
+        else:
+            # Raises UpstreamRefused when the guard holds the request back; the slot it holds
+            # is given back once the answer's headers are in (a long body streaming to the
+            # client does not hold it).
+            with self.guard.passage(method, join_url(self.base_url or "", path, query)) as way:
+                try:
+                    response = self._send(method, path, query, headers, body)
+                except UpstreamError as exc:
+                    way.failed(exc)
+                    self._count_error(exc)
+                    raise
+                way.answered(response.status, response.header("retry-after"))
         if self._metrics is not None:
             self._metrics.observe_upstream(method, response.elapsed_ms / 1000)
         return response

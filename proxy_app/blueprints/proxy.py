@@ -20,6 +20,7 @@ from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
 from proxy_app.cache.http import Served
 from proxy_app.cache.policy import key_hash
 from proxy_app.errors import (
+    ApiError,
     BadGateway,
     BadRequest,
     PayloadTooLarge,
@@ -36,6 +37,7 @@ from proxy_app.forwarding import (
 from proxy_app.http_connection import ResponseAborted
 from proxy_app.logging import reset_request_id, set_request_id
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
+from proxy_app.upstream_guard import UpstreamRefused
 
 PROXIED_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -133,6 +135,15 @@ def _upstream_errors_as_responses() -> Iterator[None]:
     except UpstreamNotConfigured:
         raise ServiceUnavailable(
             "No upstream is configured (HTTP_CLIENT_BASE_URL).", code="upstream_not_configured"
+        ) from None
+    except UpstreamRefused as exc:  # held back to spare the upstream; no stored answer stood in
+        raise ApiError(
+            f"The upstream request was not sent: {exc}.",
+            code=f"upstream_{exc.kind}",
+            status=exc.status,
+            headers={"retry-after": str(exc.retry_after_s)},
+            kind=exc.kind,
+            reason=exc.reason,
         ) from None
     except UpstreamError as exc:
         raise BadGateway(

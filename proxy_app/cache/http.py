@@ -274,8 +274,10 @@ class ProxyCache:
         memory, up to the store limit), else handed over unread to the one caller it is for."""
         if response.status == 304 and stale is not None:
             return self._revalidated(stale, response, request_time, response_time)
-        if response.status >= 500:
-            # A short error body may be shared with the requests waiting on this load.
+        if response.status >= 500 or response.status == 429:
+            # A failure (429: the upstream is overloaded too) lets a stale entry stand in
+            # (stale-if-error). A short error body may be shared with the requests waiting on
+            # this load.
             if response.buffer(policy.MAX_STORED_BODY_BYTES):
                 raise LoadFailed(fallback=response)
             raise LoadFailed(unstored=response)
