@@ -78,8 +78,19 @@ class UpstreamResponseTooLarge(UpstreamError):
     kind = "response_too_large"
 
 
-def retry_policy(retries: int) -> Retry:
-    return Retry(
+class _PauseHonouringRetry(Retry):
+    """Does not retry an answer whose Retry-After asks for a pause: the upstream guard pauses
+    every request for it instead (UPSTREAM_RETRY_AFTER_MAX_SECONDS)."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if has_retry_after and status_code in self.RETRY_AFTER_STATUS_CODES:
+            return False
+        return super().is_retry(method, status_code, has_retry_after)
+
+
+def retry_policy(retries: int, *, honour_retry_after: bool = False) -> Retry:
+    policy = _PauseHonouringRetry if honour_retry_after else Retry
+    return policy(
         total=retries,
         connect=retries,
         read=retries,
@@ -279,6 +290,7 @@ class UpstreamClient:
         api_key: str = "",
         pool_size: int = 100,
         response_limit_bytes: int | None = None,
+        honour_retry_after: bool = False,
         metrics: Metrics | None = None,
         guard: UpstreamGuard | None = None,
     ) -> None:
@@ -291,7 +303,7 @@ class UpstreamClient:
         self.max_duration_s = (retries + 1) * 2 * self.timeout_s + retries * RETRY_BACKOFF_MAX_S
         self.response_limit_bytes = response_limit_bytes
         self._api_key = api_key
-        self._retrying = retry_policy(retries)
+        self._retrying = retry_policy(retries, honour_retry_after=honour_retry_after)
         self._timeout = Timeout(connect=self.timeout_s, read=self.timeout_s)
         self._pool: urllib3.HTTPConnectionPool | None = None
         self._base_path = ""
@@ -313,6 +325,7 @@ class UpstreamClient:
             api_key=settings.upstream_api_key,
             pool_size=settings.worker_connections,
             response_limit_bytes=settings.proxy_response_limit_bytes,
+            honour_retry_after=settings.upstream_retry_after_max_s > 0,
             metrics=metrics,
             guard=guard,
         )

@@ -144,6 +144,20 @@ def test_after_an_upstream_429_with_retry_after_the_gateway_pauses_requests_to_i
     assert metric(gateway, "proxy_upstream_rejections_total", '{reason="retry_after"}') == 1
 
 
+@pytest.mark.parametrize(("pause_s", "calls", "status"), [("5", 1, 503), ("0", 2, 200)])
+def test_a_503_with_retry_after_is_not_retried_while_pauses_are_honoured(
+    start_gateway: StartGateway, stub: StubUpstream, pause_s: str, calls: int, status: int
+) -> None:
+    unavailable = Reply(status=503, headers=(JSON, ("retry-after", "1")))
+    stub.reply("/p", unavailable, Reply(headers=(JSON, ("cache-control", "no-store"))))
+    gateway = gateway_for(
+        start_gateway, stub.url, HTTP_CLIENT_RETRIES="2", UPSTREAM_RETRY_AFTER_MAX_SECONDS=pause_s
+    )
+    answer = gateway.get("/api/v1/p")
+    assert answer.status_code == status
+    assert len(stub.calls("/p")) == calls
+
+
 def test_retry_after_pauses_nothing_by_default(
     start_gateway: StartGateway, stub: StubUpstream
 ) -> None:
