@@ -313,3 +313,40 @@ def test_a_guard_with_nothing_set_admits_everything() -> None:
         with guard.passage("GET", URL) as way:
             way.failed(connection_error())
     assert guard.status() == {"breaker": "off"}
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+def test_the_protections_are_off_by_default() -> None:
+    from proxy_app.settings import load_settings
+
+    settings = load_settings({"UPSTREAM_MAX_CONCURRENCY": "", "UPSTREAM_RATE_LIMIT": ""})
+    guard = UpstreamGuard.from_settings(
+        settings, RedisService("redis://127.0.0.1:1/0", timeout_ms=100)
+    )
+    assert not guard.enabled
+    assert settings.upstream_queue_timeout_ms == 100
+    assert settings.upstream_breaker_cooldown_s == 30
+
+
+def test_bad_protection_settings_stop_start_up_naming_each() -> None:
+    from proxy_app.settings import SettingsError, load_settings
+
+    with pytest.raises(SettingsError) as caught:
+        load_settings(
+            {
+                "UPSTREAM_MAX_CONCURRENCY": "0",
+                "UPSTREAM_RATE_LIMIT": "many",
+                "UPSTREAM_BREAKER_FAILURES": "-1",
+                "UPSTREAM_RETRY_AFTER_MAX_SECONDS": "99999",
+            }
+        )
+    problems = "\n".join(caught.value.problems)
+    for name in (
+        "UPSTREAM_MAX_CONCURRENCY='0'",
+        "UPSTREAM_RATE_LIMIT='many': not an integer",
+        "UPSTREAM_BREAKER_FAILURES='-1'",
+        "UPSTREAM_RETRY_AFTER_MAX_SECONDS='99999'",
+    ):
+        assert name in problems
