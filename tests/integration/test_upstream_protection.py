@@ -104,6 +104,29 @@ def test_a_request_with_a_stale_entry_is_answered_stale_when_the_upstream_is_bus
     assert missing.status_code == 200  # the slot is free again
 
 
+def test_a_background_refresh_is_skipped_not_queued_when_no_slot_is_free(
+    start_gateway: StartGateway, stub: StubUpstream
+) -> None:
+    stub.reply("/slow", NO_STORE)
+    stub.reply("/s", Reply(headers=(JSON, ("cache-control", "max-age=1"))))
+    gateway = gateway_for(
+        start_gateway, stub.url, UPSTREAM_MAX_CONCURRENCY="1", UPSTREAM_QUEUE_TIMEOUT_MS="5000"
+    )
+    gateway.get("/api/v1/s")
+    time.sleep(1.1)  # stale now, within CACHE_STALE_TTL: served at once, refreshed behind
+    holder = occupy(gateway, stub, "/slow")
+    stale, seconds = timed_get(gateway, "/api/v1/s")
+    time.sleep(0.2)  # the refresh would have been sent by now
+    calls_meanwhile = len(stub.calls("/s"))
+    holder.join()
+    time.sleep(0.3)
+    assert (stale.status_code, stale.headers["x-cache"]) == (200, "STALE")
+    assert seconds < 0.5
+    assert calls_meanwhile == 1
+    assert len(stub.calls("/s")) == 1  # skipped, not sent once the slot came free
+    assert metric(gateway, "proxy_upstream_rejections_total", '{reason="refresh_skipped"}') == 1
+
+
 def test_an_upstream_429_is_served_from_a_stale_entry(
     start_gateway: StartGateway, stub: StubUpstream
 ) -> None:
