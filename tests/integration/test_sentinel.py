@@ -9,9 +9,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import requests
 
+from proxy_app.redis_pipeline import PipelinedConnection, PipelineError
 from tests.conftest import ADMIN_TOKEN
 from tests.support.gateway import Gateway
-from tests.support.sentinel_group import DOWN_AFTER_MS, SentinelGroup
+from tests.support.redis_server import RedisServer
+from tests.support.sentinel_group import DOWN_AFTER_MS, MASTER_NAME, SentinelGroup
 from tests.support.stub_upstream import Reply, StubUpstream
 
 pytestmark = pytest.mark.integration
@@ -137,3 +139,29 @@ def test_a_master_failover_is_followed_without_a_restart(
     assert statuses[-3:] == [429, 429, 429]
     # The upstream saw the first miss only: the cache moved with the data to the new master.
     assert len(stub.calls("/items")) == 1
+
+
+def test_a_connection_to_a_demoted_master_is_dropped_and_the_master_asked_again(
+    redis_server: RedisServer, second_redis_server: RedisServer
+) -> None:
+    """What a failover leaves behind when the old master comes back as a replica: the pipelined
+    connection that still reaches it gets READONLY, drops itself, and the next command goes to
+    wherever the sentinels now say the master is."""
+    for server in (redis_server, second_redis_server):
+        if server.process is None:
+            server.start()
+    replica = second_redis_server.client()
+    replica.replicaof("127.0.0.1", redis_server.port)
+    try:
+        addresses = iter(
+            [("127.0.0.1", second_redis_server.port), ("127.0.0.1", redis_server.port)]
+        )
+        url = f"redis+sentinel://127.0.0.1:1/{MASTER_NAME}/0"
+        connection = PipelinedConnection(url, 2.0, lambda: next(addresses))
+        with pytest.raises(PipelineError, match="demoted"):
+            connection.execute("SET", "failover-probe", "1")
+        assert connection.execute("SET", "failover-probe", "2") == b"OK"
+        assert redis_server.client().get("failover-probe") == b"2"
+        connection.close()
+    finally:
+        replica.replicaof("NO", "ONE")
