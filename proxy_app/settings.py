@@ -10,7 +10,7 @@ import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
@@ -18,7 +18,8 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, val
 from proxy_app.headers import HOP_BY_HOP_HEADERS
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEME = "redis+sentinel"
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 DEFAULT_BODY_TYPES = ("application/json", "application/*+json")
 # Request headers an operator may not add to the forwarded ones: credentials (the client's and
 # the gateway's), the client's routing and connection, and framing the HTTP client sets itself.
@@ -125,10 +126,73 @@ def _http_base_url(value: str) -> None:
         raise ValidationError("must not carry credentials (use HTTP_CLIENT_API_KEY)")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]host1:26379,host2:26379/<master-name>/<db>``: the
+    sentinels to ask, the name of the master they watch, and the database and credentials for
+    the master (the sentinels themselves are asked without credentials)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+_SENTINEL_HOST = re.compile(
+    r"^(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d{1,5}))?$"
+)
+_SENTINEL_PATH = re.compile(r"^/(?P<name>[A-Za-z0-9._-]+)(?:/(?P<db>\d{1,2}))?/?$")
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse the Sentinel form of a Redis URL; ValueError names what is wrong with it.
+
+    Written here because urllib's parser reads one host per URL and redis-py takes the sentinels
+    as a list, not as a URL."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != SENTINEL_SCHEME or not sep:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+    if "?" in rest or "#" in rest:
+        raise ValueError("must not carry a query string or fragment")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = []
+    for item in hosts.split(","):
+        match = _SENTINEL_HOST.match(item.strip())
+        if match is None:
+            raise ValueError(f"has an invalid sentinel address {item.strip()!r}")
+        port = int(match["port"] or 26379)
+        if not 0 < port < 65536:
+            raise ValueError(f"has an invalid port in {item.strip()!r}")
+        sentinels.append((match["ipv6"] or match["host"], port))
+    path_match = _SENTINEL_PATH.match(slash + path)
+    if path_match is None:
+        raise ValueError("must name the master after the hosts: /<master-name>[/<db>]")
+    return SentinelURL(
+        sentinels=tuple(sentinels),
+        master_name=path_match["name"],
+        db=int(path_match["db"] or 0),
+        username=username,
+        password=password,
+    )
+
+
 def _redis_url(value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in REDIS_URL_SCHEMES:
-        raise ValidationError("not a redis://, rediss:// or unix:// URL")
+        raise ValidationError("not a redis://, rediss://, unix:// or redis+sentinel:// URL")
+    if parts.scheme == SENTINEL_SCHEME:
+        try:
+            parse_sentinel_url(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        return
     if parts.scheme != "unix" and not parts.hostname:
         raise ValidationError("has no host")
     try:
