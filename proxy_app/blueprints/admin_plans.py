@@ -6,7 +6,16 @@ from collections.abc import Callable
 from typing import Any
 
 from flask import Blueprint, Response
-from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates
+from marshmallow import (
+    RAISE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    validate,
+    validates,
+    validates_schema,
+)
 
 from proxy_app import services
 from proxy_app.access.keys import iso, utc_now
@@ -44,6 +53,13 @@ class LimitSchema(Schema):
     windowSeconds = fields.Integer(
         required=True, strict=True, validate=validate.Range(1, MAX_WINDOW_S)
     )
+
+    @validates_schema
+    def _countable(self, data: dict[str, int], **_: object) -> None:
+        # One request a microsecond at most: finer than that, Redis' clock cannot tell
+        # requests apart, and a limit that high limits nothing.
+        if data["max"] > data["windowSeconds"] * 1_000_000:
+            raise ValidationError("At most 1,000,000 requests per second of window.", "max")
 
     @post_load
     def _limit(self, data: dict[str, int], **_: object) -> Limit:

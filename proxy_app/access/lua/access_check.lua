@@ -173,12 +173,14 @@ elseif limited then
   outcome = 'limited'
 else
   for _, update in ipairs(updates) do
-    local ttl = math.ceil(update[2] - now)
+    local ttl = math.max(1, math.ceil(update[2] - now))
     redis.call('SET', update[1], string.format('%.3f', update[2]), 'PX', ttl)
   end
   if quota_key then
     quota_used = redis.call('INCR', quota_key)
-    redis.call('PEXPIRE', quota_key, quota_reset + 60000)
+    if quota_used == 1 then
+      redis.call('PEXPIRE', quota_key, quota_reset + 60000)
+    end
   end
 end
 
