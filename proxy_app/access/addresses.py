@@ -43,7 +43,7 @@ class ClientAddresses:
     been written by the client itself)."""
 
     def __init__(self, trusted_proxies: tuple[str, ...]) -> None:
-        self._trusted = tuple(ipaddress.ip_network(network) for network in trusted_proxies)
+        self._trusted = tuple(_unmapped(ipaddress.ip_network(n)) for n in trusted_proxies)
 
     def of(self, environ: Mapping[str, Any]) -> str:
         peer = str(environ.get("REMOTE_ADDR") or "")
@@ -58,6 +58,16 @@ class ClientAddresses:
 
     def _is_trusted(self, address: str) -> bool:
         return _within(address, self._trusted)
+
+
+def _unmapped(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``::ffff:10.0.0.0/104`` is ``10.0.0.0/8``: addresses are compared unmapped too."""
+    mapped = getattr(network.network_address, "ipv4_mapped", None)
+    if mapped is not None and network.prefixlen >= _IPV4_MAPPED_BITS:
+        return ipaddress.IPv4Network(f"{mapped}/{network.prefixlen - _IPV4_MAPPED_BITS}")
+    return network
 
 
 @functools.lru_cache(maxsize=4096)
