@@ -40,6 +40,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -52,6 +53,7 @@ from bench.harness import (
     ProcessMemory,
     RedisStats,
     RedisUsage,
+    admin_post,
     create_api_key,
     gateway_counters,
     nginx_requests,
@@ -247,9 +249,41 @@ class Stack:
             self._api_keys[url] = key
         return url
 
+    @functools.cached_property
+    def plan_key(self) -> str:
+        """A key of the gateway in front of nginx on a plan of two limits and a monthly
+        quota, with scopes and allowed addresses: everything the key check can be asked to
+        judge, none of it tight enough to refuse a bench request."""
+        admin_post(self.gateway, self.admin_token, "/internal/plans", BENCH_PLAN)
+        key = create_api_key(
+            self.gateway,
+            self.admin_token,
+            {
+                "plan": BENCH_PLAN["name"],
+                "scopes": {"methods": ["GET", "HEAD"], "pathPrefixes": ["/cacheable", "/nostore"]},
+                "allowedIps": ["127.0.0.0/8", "::1"],
+            },
+        )
+        if key is None:
+            raise BenchError("the gateway has no POST /internal/api-keys")
+        return key
+
+    def plan_headers(self) -> dict[str, str]:
+        return {**BENCH_HEADERS, "x-api-key": self.plan_key}
+
     def close(self) -> None:
         if "redis_stats" in self.__dict__:
             self.redis_stats.close()
+
+
+BENCH_PLAN: dict[str, Any] = {
+    "name": "bench-pro",
+    "limits": [
+        {"max": 1_000_000, "windowSeconds": 1},
+        {"max": 1_000_000_000, "windowSeconds": 86_400},
+    ],
+    "quota": {"max": 1_000_000_000_000, "period": "month"},
+}
 
 
 # --- load scenarios (wrk) --------------------------------------------------------------------
@@ -473,6 +507,14 @@ def _prepare_hit(stack: Stack) -> Target:
     return Target(url, stack.headers(url), gateway=stack.gateway, count_upstream=True)
 
 
+def _prepare_hit_plan(stack: Stack) -> Target:
+    url = f"{stack.gateway}/api/v1/cacheable/items"
+    headers = stack.plan_headers()
+    with _session(headers) as session:
+        _warm(session, url, ("HIT",))
+    return Target(url, headers, gateway=stack.gateway, count_upstream=True)
+
+
 def _prepare_passthrough(stack: Stack) -> Target:
     url = f"{stack.gateway}/api/v1/nostore/items"
     return Target(url, stack.headers(url), gateway=stack.gateway, count_upstream=True)
@@ -576,6 +618,12 @@ LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
         ),
         counterpart=NEST_HIT,
     ),
+    LoadScenario(
+        "hit-plan",
+        "gateway keyed cache hit, key on a plan (2 limits, quota, scopes, addresses)",
+        _prepare_hit_plan,
+        goals=(RatioGoal("keyed cache hit with a plan req/s", 0.90, "hit", no_failures=True),),
+    ),
 )
 
 
@@ -608,11 +656,14 @@ def _per_request(
     return ", ".join(parts) or "none"
 
 
-def _counted(stack: Stack, url: str, expected: str, count: int, *, warm: bool) -> RedisUsage:
+def _counted(
+    stack: Stack, url: str, expected: str, count: int, *, warm: bool, plan: bool = False
+) -> RedisUsage:
     """What Redis ran during ``count`` sequential GETs of ``url`` over one keep-alive
-    connection; every answer must be a 200 with x-cache ``expected``."""
+    connection; every answer must be a 200 with x-cache ``expected``. ``plan``: with the key
+    on a plan."""
     answers: Counter[str] = Counter()
-    with _session(stack.headers(url)) as session:
+    with _session(stack.plan_headers() if plan else stack.headers(url)) as session:
         if warm:
             _warm(session, url)
         else:
@@ -642,6 +693,7 @@ class _CountedCase:
     count: int
     warm: bool
     goals: bool = False  # judge the round-trip and key-scaling goals on this case
+    plan: bool = False  # with the key on a plan (Stack.plan_key)
 
 
 _REDIS_CASES = (
@@ -652,6 +704,15 @@ _REDIS_CASES = (
         COUNTED_HITS,
         warm=True,
         goals=True,
+    ),
+    _CountedCase(
+        "keyed cache hit, key on a plan of 2 limits, a quota, scopes and addresses",
+        "/api/v1/cacheable/redis-probe-plan",
+        "HIT",
+        COUNTED_HITS,
+        warm=True,
+        goals=True,
+        plan=True,
     ),
     _CountedCase(
         "keyed pass-through (no-store)",
@@ -668,7 +729,9 @@ def _redis_probe(stack: Stack, _options: Options) -> ProbeReport:
     verdicts = []
     for case in _REDIS_CASES:
         n = case.count
-        usage = _counted(stack, stack.gateway + case.path, case.expected, n, warm=case.warm)
+        usage = _counted(
+            stack, stack.gateway + case.path, case.expected, n, warm=case.warm, plan=case.plan
+        )
         counts = usage.counts
         sent = sum(usage.sent.values())
         round_trips = ""

@@ -18,11 +18,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Imported here so that ``python -m proxy_app`` (the gunicorn master) stays light and the
     # gevent workers import the network libraries only after monkey-patching.
     from proxy_app import cors, pipeline, services
+    from proxy_app.access.addresses import ClientAddresses
     from proxy_app.access.check import AccessGate
     from proxy_app.access.keys import KeyRegistry
-    from proxy_app.access.ratelimit import RateLimitPolicy
+    from proxy_app.access.plans import Limit, PlanRegistry
     from proxy_app.background import background_spawner
-    from proxy_app.blueprints import admin_cache, admin_keys, admin_metrics, health, proxy
+    from proxy_app.blueprints import (
+        admin_cache,
+        admin_keys,
+        admin_metrics,
+        admin_plans,
+        health,
+        proxy,
+    )
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
@@ -72,10 +80,15 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
     app.extensions[services.KEY_REGISTRY] = KeyRegistry(redis.keys, settings.api_keys_redis_prefix)
+    default_limit = Limit(settings.rate_limit_max_requests, settings.rate_limit_window_s)
+    app.extensions[services.PLAN_REGISTRY] = PlanRegistry(
+        redis.keys, settings.api_keys_redis_prefix, default_limit
+    )
     app.extensions[services.ACCESS_GATE] = AccessGate(
         redis.keys,
         settings.api_keys_redis_prefix,
-        RateLimitPolicy(settings.rate_limit_max_requests, settings.rate_limit_window_s),
+        default_limit,
+        ClientAddresses(settings.trusted_proxies),
     )
 
     pipeline.init_app(app)
@@ -95,5 +108,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(proxy.bp)
     app.register_blueprint(admin_metrics.bp)
     app.register_blueprint(admin_keys.bp)
+    app.register_blueprint(admin_plans.bp)
     app.register_blueprint(admin_cache.bp)
     return app

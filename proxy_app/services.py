@@ -9,6 +9,7 @@ from flask import current_app
 if TYPE_CHECKING:
     from proxy_app.access.check import AccessGate
     from proxy_app.access.keys import KeyRegistry
+    from proxy_app.access.plans import PlanRegistry
     from proxy_app.cache.http import ProxyCache
     from proxy_app.metrics import Metrics
     from proxy_app.redis import RedisConnections
@@ -22,6 +23,7 @@ METRICS = "proxy_app.metrics"
 PROXY_CACHE = "proxy_app.proxy_cache"
 ACCESS_GATE = "proxy_app.access_gate"
 KEY_REGISTRY = "proxy_app.key_registry"
+PLAN_REGISTRY = "proxy_app.plan_registry"
 FORWARDED_HEADERS = "proxy_app.forwarded_headers"
 
 
@@ -56,3 +58,7 @@ def key_registry() -> KeyRegistry:
 def forwarded_headers() -> frozenset[str]:
     """The request header names sent upstream: the allowlist and PROXY_FORWARD_REQUEST_HEADERS."""
     return cast("frozenset[str]", current_app.extensions[FORWARDED_HEADERS])
+
+
+def plan_registry() -> PlanRegistry:
+    return cast("PlanRegistry", current_app.extensions[PLAN_REGISTRY])

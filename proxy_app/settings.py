@@ -6,6 +6,7 @@ Nothing else in the package reads ``os.environ``: the entry point passes the env
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -73,6 +74,7 @@ class Settings:
     proxy_forward_request_headers: tuple[str, ...] = ()  # lowercased names
     proxy_body_types: tuple[str, ...] = DEFAULT_BODY_TYPES  # lowercased media ranges
     cors_allowed_origins: tuple[str, ...] = ()  # lowercased origins, or ("*",); empty: no CORS
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -262,6 +264,14 @@ def _origins(value: str) -> None:
             raise ValidationError(f"{origin!r} is not an origin (scheme://host[:port])")
 
 
+def _networks(value: str) -> None:
+    for network in _split_csv(value):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValidationError(f"{network!r} is not an IP address or CIDR network") from None
+
+
 def _split_csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -389,6 +399,11 @@ class _SettingsSchema(Schema):
         "comma-separated origins such as https://app.example.com,http://localhost:5173, or *",
         _origins,
     )
+    trusted_proxies = _str(
+        "TRUSTED_PROXIES",
+        "comma-separated IP addresses or CIDR networks such as 10.0.0.0/8,fd00::/8",
+        _networks,
+    )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
     cache_stale_ttl_s = _int("CACHE_STALE_TTL", "seconds, an integer >= 0", 0)
@@ -444,6 +459,11 @@ class _SettingsSchema(Schema):
             )
         if "cache_control_field" in data:
             data["cache_control_field"] = data["cache_control_field"].strip().lower()
+        if "trusted_proxies" in data:
+            data["trusted_proxies"] = tuple(
+                str(ipaddress.ip_network(network, strict=False))
+                for network in _split_csv(data["trusted_proxies"])
+            )
         for name in ("proxy_forward_request_headers", "proxy_body_types", "cors_allowed_origins"):
             if name in data:
                 data[name] = _lowered_names(data[name])

@@ -4,21 +4,37 @@ rate limit, or the request ends here (401, 429, or 503 when Redis cannot tell)."
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from flask import Response, g, request
 
 from proxy_app import services
+from proxy_app.access.addresses import ClientAddresses, address_hex
 from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
-from proxy_app.access.ratelimit import RateLimitPolicy, RateLimitState, rate_limit_headers
+from proxy_app.access.plans import (
+    DEFAULT_PLAN,
+    Limit,
+    decode_limits,
+    decode_quota,
+    encode_limits,
+)
+from proxy_app.access.ratelimit import (
+    QuotaState,
+    RateLimitState,
+    quota_periods,
+    rate_limit_headers,
+    retry_after_s,
+)
 from proxy_app.cache.store import Prefetched
-from proxy_app.errors import ServiceUnavailable, TooManyRequests, Unauthorized
+from proxy_app.errors import Forbidden, ServiceUnavailable, TooManyRequests, Unauthorized
 from proxy_app.redis import RedisService, RedisUnavailable
 
 API_KEY_HEADER = "x-api-key"
 _API_KEY_ENVIRON = "HTTP_" + API_KEY_HEADER.upper().replace("-", "_")  # as WSGI names it
-_OUTCOMES = frozenset({b"ok", b"limited", b"unknown", b"revoked", b"expired"})
+_REFUSED = frozenset({b"unknown", b"revoked", b"expired", b"forbidden_scope", b"ip_not_allowed"})
+_CHARGED = frozenset({b"ok", b"deferred", b"limited", b"quota_exceeded"})
 _SCRIPT = (Path(__file__).with_name("lua") / "access_check.lua").read_text()
 _REJECTIONS = {
     "missing": "An x-api-key header is required.",
@@ -26,47 +42,115 @@ _REJECTIONS = {
     "revoked": "The API key has been revoked.",
     "expired": "The API key has expired.",
 }
+_FORBIDDEN = {
+    "forbidden_scope": "This API key may not be used for this method or path.",
+    "ip_not_allowed": "This API key may not be used from this address.",
+}
+_PERIOD_MEMO: list[Any] = [None, None]  # [whole second, quota_periods() of it]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AccessDecision:
-    outcome: str  # ok, unknown, revoked, expired, limited
-    rate: RateLimitState | None = None
+    # ok, deferred (cache hits free: nothing charged yet), limited, quota_exceeded, unknown,
+    # revoked, expired, forbidden_scope, ip_not_allowed
+    outcome: str
+    plan: str = DEFAULT_PLAN
+    limits: tuple[Limit, ...] = ()
+    states: tuple[RateLimitState, ...] = ()
+    quota: QuotaState | None = None
+    retry_after_ms: int = 0
     prefetched: Prefetched | None = None
+
+    def headers(self) -> list[tuple[str, str]]:
+        return rate_limit_headers(self.plan, self.limits, self.states, self.quota)
 
 
 class AccessGate:
-    """Checks a key and charges its rate limit in one Redis round trip."""
+    """Checks a key, its scopes and addresses, and charges every limit and the quota of its
+    plan, in one Redis round trip."""
 
-    def __init__(self, redis: RedisService, prefix: str, policy: RateLimitPolicy) -> None:
+    def __init__(
+        self,
+        redis: RedisService,
+        prefix: str,
+        default_limit: Limit,
+        addresses: ClientAddresses | None = None,
+    ) -> None:
         self.redis = redis
         self.names = KeyNamespace(prefix)
-        self.policy = policy
+        self.prefix = prefix
+        self.default_limits = encode_limits((default_limit,))
+        self.addresses = addresses or ClientAddresses(())
         self._script = redis.client.register_script(_SCRIPT)
 
-    def check(self, key_id: str, raw_key: str, prefetch: str | None = None) -> AccessDecision:
-        """Check the key and charge its limit; with ``prefetch``, also read that Redis key when
-        the request is allowed. Raises RedisUnavailable when the answer cannot be had."""
-        keys = [self.names.record(key_id), self.names.rate(key_id)]
+    def check(
+        self,
+        key_id: str,
+        raw_key: str,
+        *,
+        method: str = "GET",
+        path: str = "/",
+        client_address: str = "",
+        prefetch: str | None = None,
+        charge: bool = False,
+    ) -> AccessDecision:
+        """Check the key and charge its limits; with ``prefetch``, also read that Redis key when
+        the request is allowed. ``charge``: charge even on a plan whose cache hits are free
+        (the request is going upstream). Raises RedisUnavailable when the answer cannot be
+        had."""
+        keys = [self.names.record(key_id)]
         if prefetch is not None:
             keys.append(prefetch)
-        args: list[str | int] = [hash_key(raw_key), self.policy.limit, self.policy.window_ms]
+        second = int(time.time())
+        if _PERIOD_MEMO[0] != second:
+            _PERIOD_MEMO[1] = quota_periods(second)
+            _PERIOD_MEMO[0] = second
+        day, day_reset, month, month_reset = _PERIOD_MEMO[1]
+        args: list[str | int] = [
+            hash_key(raw_key),
+            key_id,
+            self.prefix,
+            self.default_limits,
+            method,
+            path,
+            address_hex(client_address) if client_address else "",
+            day,
+            day_reset,
+            month,
+            month_reset,
+            "charge" if charge else "auto",
+        ]
         reply = self.redis.run_script(self._script, keys, args)
-        if not isinstance(reply, list) or not reply or reply[0] not in _OUTCOMES:
+        if not isinstance(reply, list) or not reply:
+            raise RedisUnavailable("the key check got an unexpected reply")
+        outcome = reply[0]
+        if outcome in _REFUSED:
+            return AccessDecision(outcome.decode())
+        if outcome not in _CHARGED or len(reply) < 8:
             # Not an answer this script gives: never read anything else as "allowed".
             raise RedisUnavailable("the key check got an unexpected reply")
-        outcome = reply[0].decode()
-        if outcome not in ("ok", "limited"):
-            return AccessDecision(outcome)
-        state = RateLimitState.from_script(int(reply[1]), int(reply[2]), int(reply[3]))
+        limits = decode_limits(reply[2].decode())
+        quota = decode_quota((reply[3] or b"").decode())
+        states = tuple(
+            RateLimitState.from_script(int(reply[i]), int(reply[i + 1]), 0)
+            for i in range(8, len(reply) - 1, 2)
+        )
         prefetched = None
-        if prefetch is not None and len(reply) > 4:
-            prefetched = Prefetched(prefetch, reply[4] or None)
-        return AccessDecision(outcome, state, prefetched)
+        if prefetch is not None:
+            prefetched = Prefetched(prefetch, reply[7] or None)
+        return AccessDecision(
+            outcome.decode(),
+            reply[1].decode(),
+            limits,
+            states,
+            QuotaState(quota, int(reply[5]), int(reply[6])) if quota is not None else None,
+            int(reply[4]),
+            prefetched,
+        )
 
 
 def enforce_api_key() -> None:
-    """before_request of the proxy: the key check, then the rate limit."""
+    """before_request of the proxy: the key check, scopes, addresses, limits and quota."""
     raw_key = request.environ.get(_API_KEY_ENVIRON, "").strip()
     if not raw_key:
         _reject("missing")
@@ -75,37 +159,94 @@ def enforce_api_key() -> None:
         _reject("invalid")
     gate = services.access_gate()
     state = g._get_current_object()  # one context lookup for the several uses below
+    planned = state.get("proxy_request")
     try:
         # The proxy may have named, in g, a cache entry it will want: read in the same trip.
-        decision = gate.check(key_id, raw_key, state.get("cache_prefetch_key"))
+        decision = gate.check(
+            key_id,
+            raw_key,
+            method=request.method,
+            path=(planned.target if planned is not None else None) or "",
+            client_address=gate.addresses.of(request.environ),
+            prefetch=state.get("cache_prefetch_key"),
+        )
     except RedisUnavailable:
-        services.metrics().auth_rejections.labels("unavailable").inc()
-        raise ServiceUnavailable(
-            "API keys cannot be checked right now; try again shortly.",
-            code="auth_unavailable",
-            headers={"retry-after": "1"},
-        ) from None
-    if decision.outcome in ("unknown", "revoked", "expired"):
-        _reject("invalid" if decision.outcome == "unknown" else decision.outcome)
+        _unavailable()
+    _judge(decision, key_id)
     state.key_id = key_id
-    state.rate_limit = decision.rate
+    state.access = decision
     state.cache_prefetched = decision.prefetched
-    if decision.outcome == "limited" and decision.rate is not None:
+
+
+def charge_deferred() -> None:
+    """For a plan whose cache hits are free: charge a request that is going to the upstream
+    after all (a second round trip, on the way to a slower one)."""
+    state = g._get_current_object()
+    decision: AccessDecision | None = state.get("access")
+    if decision is None or decision.outcome != "deferred":
+        return
+    gate = services.access_gate()
+    raw_key = request.environ.get(_API_KEY_ENVIRON, "").strip()
+    planned = state.get("proxy_request")
+    try:
+        charged = gate.check(
+            state.key_id,
+            raw_key,
+            method=request.method,
+            path=(planned.target if planned is not None else None) or "",
+            client_address=gate.addresses.of(request.environ),
+            charge=True,
+        )
+    except RedisUnavailable:
+        _unavailable()
+    state.access = charged
+    _judge(charged, state.key_id)
+
+
+def _judge(decision: AccessDecision, key_id: str) -> None:
+    outcome = decision.outcome
+    if outcome in ("ok", "deferred"):
+        return
+    if outcome in ("unknown", "revoked", "expired"):
+        _reject("invalid" if outcome == "unknown" else outcome)
+    if outcome in _FORBIDDEN:
+        services.metrics().auth_rejections.labels(outcome).inc()
+        raise Forbidden(_FORBIDDEN[outcome], code=outcome, keyId=key_id)
+    retry_after = retry_after_s(decision.retry_after_ms)
+    g.access = decision  # a refused answer still says where the key stands
+    if outcome == "quota_exceeded" and decision.quota is not None:
         services.metrics().rate_limited.inc()
         raise TooManyRequests(
-            "Rate limit exceeded for this API key.",
-            headers={"retry-after": str(decision.rate.retry_after_s)},
-            retryAfter=decision.rate.retry_after_s,
+            "The quota of this API key is used up until it refills.",
+            code="quota_exceeded",
+            headers={"retry-after": str(retry_after)},
+            retryAfter=retry_after,
+            quota=decision.quota.quota.to_json(),
         )
+    services.metrics().rate_limited.inc()
+    raise TooManyRequests(
+        "Rate limit exceeded for this API key.",
+        headers={"retry-after": str(retry_after)},
+        retryAfter=retry_after,
+    )
+
+
+def _unavailable() -> NoReturn:
+    services.metrics().auth_rejections.labels("unavailable").inc()
+    raise ServiceUnavailable(
+        "API keys cannot be checked right now; try again shortly.",
+        code="auth_unavailable",
+        headers={"retry-after": "1"},
+    ) from None
 
 
 def add_rate_limit_headers(response: Response) -> Response:
-    """after_request of the proxy: every answer to a known key says where its limit stands."""
-    state: RateLimitState | None = g.get("rate_limit")
-    if state is not None:
+    """after_request of the proxy: every answer to a known key says where its limits stand."""
+    decision: AccessDecision | None = g.get("access")
+    if decision is not None and decision.limits:
         # Appended: no answer carries these names before this point (upstream ones are not
         # passed on), so there is nothing to replace.
-        response.headers.extend(rate_limit_headers(services.access_gate().policy, state))
+        response.headers.extend(decision.headers())
     return response
 
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import WSGIEnvironment
 
 from proxy_app import services
-from proxy_app.access.check import add_rate_limit_headers, enforce_api_key
+from proxy_app.access.check import add_rate_limit_headers, charge_deferred, enforce_api_key
 from proxy_app.cache.http import Served
 from proxy_app.cache.policy import key_hash
 from proxy_app.errors import (
@@ -112,6 +112,14 @@ def proxy(path: str) -> Response:
     method = request.method
     body = _request_body(method)
     cache = services.proxy_cache()
+    access = g.get("access")
+    if access is not None and access.outcome == "deferred":
+        # The key's plan makes cache hits free: charge only what will reach the upstream.
+        reaches_upstream = method not in ("GET", "HEAD") or not cache.answerable(
+            planned.cache_key, g.get("cache_prefetched"), headers, planned.client_headers
+        )
+        if reaches_upstream:
+            charge_deferred()
     with _upstream_errors_as_responses():
         if method in ("GET", "HEAD"):
             served = cache.fetch(
