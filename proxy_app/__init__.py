@@ -20,6 +20,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app import cors, pipeline, services
     from proxy_app.access.addresses import ClientAddresses
     from proxy_app.access.check import AccessGate
+    from proxy_app.access.grace import GraceMemory
     from proxy_app.access.keys import KeyRegistry
     from proxy_app.access.plans import Limit, PlanRegistry
     from proxy_app.background import background_spawner
@@ -89,6 +90,9 @@ def create_app(settings: Settings | None = None) -> Flask:
         settings.api_keys_redis_prefix,
         default_limit,
         ClientAddresses(settings.trusted_proxies),
+        GraceMemory(settings.outage_grace_s, settings.outage_share)
+        if settings.outage_grace_s
+        else None,
     )
 
     pipeline.init_app(app)

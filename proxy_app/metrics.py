@@ -136,6 +136,13 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.auth_grace = Counter(
+            "proxy_auth_grace_total",
+            "Keyed requests judged in grace mode while the keys' Redis was away, by outcome "
+            "(ok and limited were answered so; unknown got 503; revoked, expired, deleted 401).",
+            ["outcome"],
+            registry=registry,
+        )
         self.rate_limited = Counter(
             "proxy_rate_limited_total",
             "Requests refused with 429 by the per-key rate limit.",

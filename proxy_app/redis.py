@@ -153,6 +153,11 @@ class RedisService:
             self._record_recovery()
         return result
 
+    def subscriber(self) -> Any:
+        """A redis-py PubSub on this endpoint, for a listener that runs as long as the worker
+        (its own connection, outside the pool's bounds and the outage detector)."""
+        return self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+
     def ping(self) -> bool:
         try:
             return bool(self.call(lambda client: client.ping()))

@@ -88,6 +88,8 @@ class Settings:
     api_keys_redis_prefix: str = "api-keys"
     rate_limit_window_s: int = 60
     rate_limit_max_requests: int = 120
+    outage_grace_s: int = 0  # 0: keyed requests fail closed while the keys' Redis is away
+    outage_share: int = 1  # workers x replicas sharing the traffic, for grace's local limits
     redis_timeout_ms: int = 250
     admin_api_token: str = dataclasses.field(default="", repr=False)
     version: str = "dev"
@@ -434,6 +436,10 @@ class _SettingsSchema(Schema):
     rate_limit_max_requests = _int(
         "API_KEYS_RATE_LIMIT_MAX_REQUESTS", "an integer from 1 to 10000000", 1, 10_000_000
     )
+    outage_grace_s = _int(
+        "API_KEYS_OUTAGE_GRACE_SECONDS", "seconds, an integer from 0 to 86400", 0, 86_400
+    )
+    outage_share = _int("API_KEYS_OUTAGE_SHARE", "an integer from 1 to 10000", 1, 10_000)
     redis_timeout_ms = _int(
         "REDIS_TIMEOUT_MS", "milliseconds, an integer from 1 to 10000", 1, 10_000
     )

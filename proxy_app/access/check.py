@@ -12,6 +12,7 @@ from flask import Response, g, request
 
 from proxy_app import services
 from proxy_app.access.addresses import ClientAddresses, address_hex
+from proxy_app.access.grace import GraceMemory, KeyEventListener
 from proxy_app.access.keys import KeyNamespace, hash_key, key_id_of
 from proxy_app.access.plans import (
     DEFAULT_PLAN,
@@ -60,9 +61,13 @@ class AccessDecision:
     quota: QuotaState | None = None
     retry_after_ms: int = 0
     prefetched: Prefetched | None = None
+    grace: bool = False  # judged from the worker's memory while Redis was away
 
     def headers(self) -> list[tuple[str, str]]:
-        return rate_limit_headers(self.plan, self.limits, self.states, self.quota)
+        headers = rate_limit_headers(self.plan, self.limits, self.states, self.quota)
+        if self.grace:
+            headers.append(("x-auth-mode", "grace"))
+        return headers
 
 
 class AccessGate:
@@ -75,6 +80,7 @@ class AccessGate:
         prefix: str,
         default_limit: Limit,
         addresses: ClientAddresses | None = None,
+        grace: GraceMemory | None = None,
     ) -> None:
         self.redis = redis
         self.names = KeyNamespace(prefix)
@@ -82,6 +88,12 @@ class AccessGate:
         self.default_limits = encode_limits((default_limit,))
         self.addresses = addresses or ClientAddresses(())
         self._script = redis.client.register_script(_SCRIPT)
+        self.grace = grace
+        self._listener = (
+            KeyEventListener(grace, redis.subscriber, self.names.events)
+            if grace is not None
+            else None
+        )
 
     def check(
         self,
@@ -101,13 +113,16 @@ class AccessGate:
         keys = [self.names.record(key_id)]
         if prefetch is not None:
             keys.append(prefetch)
+        if self._listener is not None:
+            self._listener.ensure_started()
+        key_hash = hash_key(raw_key)
         second = int(time.time())
         if _PERIOD_MEMO[0] != second:
             _PERIOD_MEMO[1] = quota_periods(second)
             _PERIOD_MEMO[0] = second
         day, day_reset, month, month_reset = _PERIOD_MEMO[1]
         args: list[str | int] = [
-            hash_key(raw_key),
+            key_hash,
             key_id,
             self.prefix,
             self.default_limits,
@@ -125,19 +140,31 @@ class AccessGate:
             raise RedisUnavailable("the key check got an unexpected reply")
         outcome = reply[0]
         if outcome in _REFUSED:
+            if self.grace is not None and outcome in (b"revoked", b"expired"):
+                # The hash matched: this key, not a guess at its id, is refused now.
+                self.grace.mark(key_id, outcome.decode())
             return AccessDecision(outcome.decode())
-        if outcome not in _CHARGED or len(reply) < 8:
+        if outcome not in _CHARGED or len(reply) < 10:
             # Not an answer this script gives: never read anything else as "allowed".
             raise RedisUnavailable("the key check got an unexpected reply")
         limits = decode_limits(reply[2].decode())
         quota = decode_quota((reply[3] or b"").decode())
         states = tuple(
             RateLimitState.from_script(int(reply[i]), int(reply[i + 1]), 0)
-            for i in range(8, len(reply) - 1, 2)
+            for i in range(10, len(reply) - 1, 2)
         )
         prefetched = None
         if prefetch is not None:
             prefetched = Prefetched(prefetch, reply[7] or None)
+        if self.grace is not None:
+            self.grace.remember(
+                key_id,
+                key_hash,
+                plan=reply[1].decode(),
+                limits=limits,
+                expires_at_ms=int(reply[8]),
+                restricted=reply[9] == 1,
+            )
         return AccessDecision(
             outcome.decode(),
             reply[1].decode(),
@@ -171,7 +198,7 @@ def enforce_api_key() -> None:
             prefetch=state.get("cache_prefetch_key"),
         )
     except RedisUnavailable:
-        _unavailable()
+        decision = _judged_in_grace(gate, key_id, raw_key)
     _judge(decision, key_id)
     state.key_id = key_id
     state.access = decision
@@ -228,6 +255,29 @@ def _judge(decision: AccessDecision, key_id: str) -> None:
         "Rate limit exceeded for this API key.",
         headers={"retry-after": str(retry_after)},
         retryAfter=retry_after,
+    )
+
+
+def _judged_in_grace(gate: AccessGate, key_id: str, raw_key: str) -> AccessDecision:
+    """Redis cannot be asked: with grace mode on, what this worker remembers of the key."""
+    if gate.grace is None:
+        _unavailable()
+    verdict = gate.grace.judge(key_id, hash_key(raw_key), int(time.time() * 1000))
+    metrics = services.metrics()
+    metrics.auth_grace.labels(verdict.outcome).inc()
+    if verdict.outcome in ("revoked", "expired"):
+        _reject(verdict.outcome)
+    if verdict.outcome == "deleted":
+        _reject("invalid")
+    if verdict.outcome not in ("ok", "limited"):
+        _unavailable()
+    return AccessDecision(
+        verdict.outcome,
+        verdict.plan,
+        verdict.limits,
+        verdict.states,
+        retry_after_ms=verdict.retry_after_ms,
+        grace=True,
     )
 
 

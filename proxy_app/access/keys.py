@@ -17,6 +17,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import re
 import secrets
 import string
@@ -34,7 +35,9 @@ from proxy_app.access.plans import (
     encode_limits,
     encode_quota,
 )
-from proxy_app.redis import RedisService
+from proxy_app.redis import RedisService, RedisUnavailable
+
+log = logging.getLogger(__name__)
 
 KEY_PREFIX = "pk_"
 KEY_ID_LENGTH = 12  # ~71 bits: ids never collide in practice, yet stay short in support tickets
@@ -221,6 +224,11 @@ class KeyNamespace:
     def all_ids(self) -> str:
         return f"{self.prefix}:keys"
 
+    @property
+    def events(self) -> str:
+        """The channel where changes of keys are announced (grace mode listens)."""
+        return f"{self.prefix}:key-events"
+
     def plan_keys(self, plan: str) -> str:
         return f"{self.prefix}:plan-keys:{plan}"
 
@@ -300,6 +308,7 @@ class KeyRegistry:
         fields = record_fields(**{k: v for k, v in changes.items() if v is not UNSET})
         if not self._store(key_id, "update", plan_arg, fields):
             return None
+        self._announce("changed", key_id)
         return self.get(key_id)
 
     def roll(self, key_id: str, grace_s: int) -> tuple[KeyRecord, KeyRecord, str] | None:
@@ -385,10 +394,16 @@ class KeyRegistry:
         return KeyPage(items, scan_cursor)
 
     def revoke(self, key_id: str) -> bool:
-        return self._set_fields(key_id, revoked="1", revokedAt=iso(utc_now()) or "")
+        changed = self._set_fields(key_id, revoked="1", revokedAt=iso(utc_now()) or "")
+        if changed:
+            self._announce("revoked", key_id)
+        return changed
 
     def activate(self, key_id: str) -> bool:
-        return self._set_fields(key_id, revoked="0", revokedAt="")
+        changed = self._set_fields(key_id, revoked="0", revokedAt="")
+        if changed:
+            self._announce("changed", key_id)
+        return changed
 
     def delete(self, key_id: str) -> bool:
         def remove(client: Any) -> int:
@@ -399,7 +414,18 @@ class KeyRegistry:
             pipe.srem(self.names.plan_keys((plan or b"").decode() or DEFAULT_PLAN), key_id)
             return int(pipe.execute()[0])
 
-        return bool(self.redis.call(remove))
+        deleted = bool(self.redis.call(remove))
+        if deleted:
+            self._announce("deleted", key_id)
+        return deleted
+
+    def _announce(self, event: str, key_id: str) -> None:
+        """Tell every worker listening (grace mode) that this key changed. The change is
+        stored already: an announcement Redis cannot take is not an error of the change."""
+        try:
+            self.redis.call(lambda client: client.publish(self.names.events, f"{event}:{key_id}"))
+        except RedisUnavailable:
+            log.warning("a key change could not be announced", extra={"key_id": key_id})
 
     def _store(self, key_id: str, mode: str, plan: str, fields: dict[str, str]) -> bool:
         args = [

@@ -10,8 +10,9 @@
 -- then only look, and say 'deferred') or 'charge' (charge whatever the plan says).
 -- Returns {outcome} for unknown, revoked, expired, forbidden_scope and ip_not_allowed; else
 -- {outcome, plan, limits, quota, retry_after_ms, quota_used, quota_reset_ms, cache entry or
--- false, remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}, one pair per limit, with
--- outcome ok, deferred, limited or quota_exceeded. Only a key whose hash matches is ever
+-- false, expires_at_ms (0: never), restricted (1 when scopes or addresses limit the key),
+-- remaining_1, reset_ms_1, remaining_2, reset_ms_2, ...}, one pair per limit, with outcome ok,
+-- deferred, limited or quota_exceeded. Only a key whose hash matches is ever
 -- charged, so a wrong secret cannot spend somebody else's limit.
 -- The plan, rate and quota keys are named here from the prefix: one Redis (or one Sentinel
 -- master) holds them all; this is not written for Redis Cluster.
@@ -189,7 +190,12 @@ if KEYS[2] and (outcome == 'ok' or outcome == 'deferred') then
   -- The cache entry this request will want: read now, saving the proxy a round trip.
   entry = redis.call('GET', KEYS[2])
 end
-local reply = {outcome, plan, limits, quota, retry_after, quota_used, quota_reset, entry}
+local restricted = 0
+if (methods and methods ~= '') or (prefixes and prefixes ~= '') or (nets and nets ~= '') then
+  restricted = 1
+end
+local reply = {outcome, plan, limits, quota, retry_after, quota_used, quota_reset, entry,
+  tonumber(record[3]) or 0, restricted}
 for i = 1, #states do
   reply[#reply + 1] = states[i]
 end
