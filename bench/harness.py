@@ -597,12 +597,26 @@ def gateway_counters(gateway: str, admin_token: str) -> Counter[str]:
     )
 
 
-def create_api_key(gateway: str, admin_token: str) -> str | None:
+def admin_post(gateway: str, admin_token: str, path: str, body: dict[str, Any]) -> Any:
+    """POST a JSON body to the admin API; the decoded answer."""
+    request = urllib.request.Request(
+        gateway + path,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def create_api_key(
+    gateway: str, admin_token: str, fields: dict[str, Any] | None = None
+) -> str | None:
     """A client key for ``x-api-key`` from ``POST /internal/api-keys``; None when the gateway
     has no such endpoint (a version that checks no client keys)."""
     request = urllib.request.Request(
         gateway + "/internal/api-keys",
-        data=json.dumps({"owner": "bench"}).encode(),
+        data=json.dumps({"owner": "bench", **(fields or {})}).encode(),
         headers={"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"},
         method="POST",
     )

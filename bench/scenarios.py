@@ -11,6 +11,7 @@ exist yet) is skipped with the reason, and the goals that need it say "not measu
 ``PROBES``: counted, sequential or one-shot measurements that run once after the loads and
 return their own labelled report lines and goal verdicts (Redis commands per request, memory
 under load, the stampede on one and on two gateway instances, big downloads next to cache hits,
+200 clients waiting on a 2 s upstream without and with UPSTREAM_MAX_CONCURRENCY,
 what SIGTERM does to requests in flight and after it).
 
 Every goal, load or probe, ends up as one ``Verdict`` (name, measured value, goal, met or not),
@@ -26,6 +27,7 @@ import contextlib
 import dataclasses
 import functools
 import http.client
+import json
 import os
 import secrets
 import signal
@@ -38,6 +40,7 @@ import urllib.parse
 from collections import Counter
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -50,6 +53,7 @@ from bench.harness import (
     ProcessMemory,
     RedisStats,
     RedisUsage,
+    admin_post,
     create_api_key,
     gateway_counters,
     nginx_requests,
@@ -201,6 +205,12 @@ class Stack:
         stay in flight long enough to be caught by a SIGTERM."""
         return self._processes.slow_upstream(SHUTDOWN_UPSTREAM_DELAY_S)
 
+    @functools.cached_property
+    def slow_upstream_2s(self) -> str:
+        """A slow upstream whose answers take SLOW_UPSTREAM_2S_DELAY_S (the slow-upstream
+        probe)."""
+        return self._processes.slow_upstream(SLOW_UPSTREAM_2S_DELAY_S)
+
     def master_pid(self, url: str) -> int:
         """The gunicorn master PID of a gateway (or the hello app) started here, or the node
         process of the NestJS service."""
@@ -239,9 +249,41 @@ class Stack:
             self._api_keys[url] = key
         return url
 
+    @functools.cached_property
+    def plan_key(self) -> str:
+        """A key of the gateway in front of nginx on a plan of two limits and a monthly
+        quota, with scopes and allowed addresses: everything the key check can be asked to
+        judge, none of it tight enough to refuse a bench request."""
+        admin_post(self.gateway, self.admin_token, "/internal/plans", BENCH_PLAN)
+        key = create_api_key(
+            self.gateway,
+            self.admin_token,
+            {
+                "plan": BENCH_PLAN["name"],
+                "scopes": {"methods": ["GET", "HEAD"], "pathPrefixes": ["/cacheable", "/nostore"]},
+                "allowedIps": ["127.0.0.0/8", "::1"],
+            },
+        )
+        if key is None:
+            raise BenchError("the gateway has no POST /internal/api-keys")
+        return key
+
+    def plan_headers(self) -> dict[str, str]:
+        return {**BENCH_HEADERS, "x-api-key": self.plan_key}
+
     def close(self) -> None:
         if "redis_stats" in self.__dict__:
             self.redis_stats.close()
+
+
+BENCH_PLAN: dict[str, Any] = {
+    "name": "bench-pro",
+    "limits": [
+        {"max": 1_000_000, "windowSeconds": 1},
+        {"max": 1_000_000_000, "windowSeconds": 86_400},
+    ],
+    "quota": {"max": 1_000_000_000_000, "period": "month"},
+}
 
 
 # --- load scenarios (wrk) --------------------------------------------------------------------
@@ -465,6 +507,14 @@ def _prepare_hit(stack: Stack) -> Target:
     return Target(url, stack.headers(url), gateway=stack.gateway, count_upstream=True)
 
 
+def _prepare_hit_plan(stack: Stack) -> Target:
+    url = f"{stack.gateway}/api/v1/cacheable/items"
+    headers = stack.plan_headers()
+    with _session(headers) as session:
+        _warm(session, url, ("HIT",))
+    return Target(url, headers, gateway=stack.gateway, count_upstream=True)
+
+
 def _prepare_passthrough(stack: Stack) -> Target:
     url = f"{stack.gateway}/api/v1/nostore/items"
     return Target(url, stack.headers(url), gateway=stack.gateway, count_upstream=True)
@@ -568,6 +618,12 @@ LOAD_SCENARIOS: tuple[LoadScenario, ...] = (
         ),
         counterpart=NEST_HIT,
     ),
+    LoadScenario(
+        "hit-plan",
+        "gateway keyed cache hit, key on a plan (2 limits, quota, scopes, addresses)",
+        _prepare_hit_plan,
+        goals=(RatioGoal("keyed cache hit with a plan req/s", 0.90, "hit", no_failures=True),),
+    ),
 )
 
 
@@ -600,11 +656,14 @@ def _per_request(
     return ", ".join(parts) or "none"
 
 
-def _counted(stack: Stack, url: str, expected: str, count: int, *, warm: bool) -> RedisUsage:
+def _counted(
+    stack: Stack, url: str, expected: str, count: int, *, warm: bool, plan: bool = False
+) -> RedisUsage:
     """What Redis ran during ``count`` sequential GETs of ``url`` over one keep-alive
-    connection; every answer must be a 200 with x-cache ``expected``."""
+    connection; every answer must be a 200 with x-cache ``expected``. ``plan``: with the key
+    on a plan."""
     answers: Counter[str] = Counter()
-    with _session(stack.headers(url)) as session:
+    with _session(stack.plan_headers() if plan else stack.headers(url)) as session:
         if warm:
             _warm(session, url)
         else:
@@ -634,6 +693,7 @@ class _CountedCase:
     count: int
     warm: bool
     goals: bool = False  # judge the round-trip and key-scaling goals on this case
+    plan: bool = False  # with the key on a plan (Stack.plan_key)
 
 
 _REDIS_CASES = (
@@ -644,6 +704,15 @@ _REDIS_CASES = (
         COUNTED_HITS,
         warm=True,
         goals=True,
+    ),
+    _CountedCase(
+        "keyed cache hit, key on a plan of 2 limits, a quota, scopes and addresses",
+        "/api/v1/cacheable/redis-probe-plan",
+        "HIT",
+        COUNTED_HITS,
+        warm=True,
+        goals=True,
+        plan=True,
     ),
     _CountedCase(
         "keyed pass-through (no-store)",
@@ -660,7 +729,9 @@ def _redis_probe(stack: Stack, _options: Options) -> ProbeReport:
     verdicts = []
     for case in _REDIS_CASES:
         n = case.count
-        usage = _counted(stack, stack.gateway + case.path, case.expected, n, warm=case.warm)
+        usage = _counted(
+            stack, stack.gateway + case.path, case.expected, n, warm=case.warm, plan=case.plan
+        )
         counts = usage.counts
         sent = sum(usage.sent.values())
         round_trips = ""
@@ -1124,6 +1195,222 @@ def _downloads(stack: Stack, gateway: str) -> ProbeReport:
     return ProbeReport(lines, [growth_verdict, hits_verdict])
 
 
+# --- a slow upstream ------------------------------------------------------------------------
+
+SLOW_UPSTREAM_2S_DELAY_S = 2.0
+SLOW_CLIENTS = 200
+# UPSTREAM_MAX_CONCURRENCY in the capped run, per worker.
+SLOW_CAP = 20
+SLOW_QUEUE_TIMEOUT_MS = 100
+SLOW_LIMIT_S = 60.0  # the probe gives up on clients still waiting after this
+# Hits should stay far below the upstream's 2 s whatever waits on it; on a shared 2-core box
+# their p99 moves between about 30 and 110 ms from run to run, with or without the cap.
+SLOW_HIT_GOAL_MS = 250.0
+# The key check's Redis timeout in both runs: the default 250 ms is outlasted now and then by a
+# burst of 200 new connections on a busy 2-core machine (503 auth_unavailable), which is not
+# what this probe is about.
+SLOW_REDIS_TIMEOUT_MS = 1000
+
+SLOW_HITS_GOAL = GoalSpec(
+    f"slow-upstream (UPSTREAM_MAX_CONCURRENCY={SLOW_CAP}): keyed cache hits meanwhile",
+    f"all 200, p99 < {SLOW_HIT_GOAL_MS:.0f} ms",
+)
+SLOW_CAP_GOAL = GoalSpec(
+    f"slow-upstream (UPSTREAM_MAX_CONCURRENCY={SLOW_CAP}): upstream connections",
+    f"<= {SLOW_CAP} per worker at peak",
+)
+
+
+@dataclasses.dataclass
+class _SlowRun:
+    answers: Counter[str] = dataclasses.field(default_factory=Counter)
+    seconds: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    wall_s: float = 0.0
+    rss_before: int = 0
+    rss_peak: int = 0
+    client_sockets_peak: int = 0
+    upstream_sockets_peak: int = 0
+    upstream_requests: int = 0
+    hit_latencies: list[float] = dataclasses.field(default_factory=list)
+    hit_answers: Counter[str] = dataclasses.field(default_factory=Counter)
+
+
+def established_sockets(port: int) -> tuple[int, int]:
+    """(connections to ``port`` as seen by the side that listens on it, connections to it as
+    seen by the side that opened them), among the loopback TCP connections of this network
+    namespace: what a server on ``port`` holds open, and what its clients hold."""
+    served = opened = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as lines:
+            next(lines, None)
+            for line in lines:
+                fields = line.split()
+                if len(fields) < 4 or fields[3] != "01":  # ESTABLISHED
+                    continue
+                local_port = int(fields[1].rsplit(":", 1)[1], 16)
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                served += local_port == port
+                opened += remote_port == port
+    return served, opened
+
+
+def _percentile_ms(values: list[float], share: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * share))] * 1000
+
+
+def _slow_run(stack: Stack, env: Mapping[str, str]) -> _SlowRun:
+    """A fresh gateway in front of the 2 s upstream: SLOW_CLIENTS concurrent GETs, each for a
+    URL of its own (no coalescing) on a connection of its own, while one client asks for a
+    cached answer over and over on new connections."""
+    upstream = stack.slow_upstream_2s
+    gateway = stack.fresh_gateway(upstream, env, stack.workers)
+    try:
+        return _slow_clients(stack, gateway, upstream)
+    finally:
+        stack.stop(gateway)
+
+
+def _slow_clients(stack: Stack, gateway: str, upstream: str) -> _SlowRun:
+    parts = urllib.parse.urlsplit(gateway)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    upstream_port = urllib.parse.urlsplit(upstream).port or 80
+    token = secrets.token_hex(6)
+    hit_url = f"{gateway}/api/v1/cacheable/slow-hit-{token}"
+    with _session(stack.headers(hit_url)) as session:
+        _warm(session, hit_url)
+    run = _SlowRun()
+    pid = stack.master_pid(gateway)
+    run.rss_before = run.rss_peak = sum(m.rss for m in process_tree_memory(pid))
+    lock = threading.Lock()
+    barrier = threading.Barrier(SLOW_CLIENTS + 1, timeout=CLIENT_TIMEOUT_S)
+    paths = [f"/cacheable/slow-{token}-{n}" for n in range(SLOW_CLIENTS)]
+
+    def client(path: str) -> None:
+        headers = {**stack.headers(gateway + "/api/v1" + path), "Connection": "close"}
+        connection = http.client.HTTPConnection(host, port, timeout=SLOW_LIMIT_S)
+        answer = "error"
+        started = time.monotonic()
+        try:
+            try:
+                connection.connect()
+            finally:
+                barrier.wait()
+            started = time.monotonic()
+            connection.request("GET", "/api/v1" + path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()
+            answer = str(response.status)
+            if response.status != 200:
+                with contextlib.suppress(ValueError):
+                    answer += " " + str(json.loads(body).get("error"))
+        except Exception as exc:
+            answer = f"error:{type(exc).__name__}"
+        finally:
+            connection.close()
+            with lock:
+                run.answers[answer] += 1
+                run.seconds.setdefault(answer, []).append(time.monotonic() - started)
+
+    clients = [threading.Thread(target=client, args=(p,), daemon=True) for p in paths]
+
+    def hits() -> None:
+        headers = {**stack.headers(hit_url), "Connection": "close"}
+        with _session(headers) as hit_session:
+            while any(thread.is_alive() for thread in clients):
+                sent = time.monotonic()
+                try:
+                    response = hit_session.get(hit_url, timeout=CLIENT_TIMEOUT_S)
+                    answer = f"{response.status_code} {response.headers.get('x-cache', '-')}"
+                except Exception as exc:
+                    answer = f"error:{type(exc).__name__}"
+                run.hit_latencies.append(time.monotonic() - sent)
+                run.hit_answers[answer] += 1
+                time.sleep(0.01)
+
+    for thread in clients:
+        thread.start()
+    barrier.wait()
+    started = time.monotonic()
+    hitter = threading.Thread(target=hits, daemon=True)
+    hitter.start()
+    while any(t.is_alive() for t in clients) and time.monotonic() - started < SLOW_LIMIT_S:
+        run.rss_peak = max(run.rss_peak, sum(m.rss for m in process_tree_memory(pid)))
+        served, _ = established_sockets(port)
+        _, to_upstream = established_sockets(upstream_port)
+        run.client_sockets_peak = max(run.client_sockets_peak, served)
+        run.upstream_sockets_peak = max(run.upstream_sockets_peak, to_upstream)
+        time.sleep(SAMPLE_INTERVAL_S / 2)
+    run.wall_s = time.monotonic() - started
+    for thread in [*clients, hitter]:
+        thread.join(timeout=CLIENT_TIMEOUT_S)
+    counts = upstream_counts(upstream)
+    run.upstream_requests = sum(counts.get(path, 0) for path in paths)
+    return run
+
+
+def _slow_lines(label: str, run: _SlowRun) -> list[str]:
+    timings = "; ".join(
+        f"{answer}: p50 {_percentile_ms(secs, 0.5):.0f} ms, max {max(secs) * 1000:.0f} ms"
+        for answer, secs in sorted(run.seconds.items())
+    )
+    hits = run.hit_latencies
+    held_s = sum(sum(secs) for secs in run.seconds.values())
+    return [
+        f"slow-upstream {label}: answers {_counter_text(run.answers)} ({timings}); all "
+        f"answered in {run.wall_s:.2f} s; upstream requests {run.upstream_requests}; "
+        f"greenlet-seconds held by these clients (sum of their request times) {held_s:.0f}",
+        f"slow-upstream {label}: peak client connections at the gateway (one greenlet each) "
+        f"{run.client_sockets_peak}, peak gateway connections to the upstream "
+        f"{run.upstream_sockets_peak}; RSS {_mb(run.rss_before)} MB before, peak "
+        f"{_mb(run.rss_peak)} MB (+{_mb(run.rss_peak - run.rss_before)} MB)",
+        f"slow-upstream {label}: keyed cache hits meanwhile (new connection each): {len(hits)}, "
+        f"{_counter_text(run.hit_answers)}, p50 {_percentile_ms(hits, 0.5):.1f} ms, "
+        f"p99 {_percentile_ms(hits, 0.99):.1f} ms, max {_percentile_ms(hits, 1.0):.1f} ms",
+    ]
+
+
+def _slow_upstream_probe(stack: Stack, _options: Options) -> ProbeReport:
+    """What SLOW_CLIENTS clients waiting on a 2 s upstream cost the gateway (memory, greenlets,
+    upstream connections, the latency of other clients' cache hits), without and with
+    UPSTREAM_MAX_CONCURRENCY."""
+    common = {"REDIS_TIMEOUT_MS": str(SLOW_REDIS_TIMEOUT_MS)}
+    unlimited = _slow_run(stack, common)
+    capped_env = {
+        **common,
+        "UPSTREAM_MAX_CONCURRENCY": str(SLOW_CAP),
+        "UPSTREAM_QUEUE_TIMEOUT_MS": str(SLOW_QUEUE_TIMEOUT_MS),
+    }
+    capped = _slow_run(stack, capped_env)
+    hits = capped.hit_latencies
+    all_hits = bool(hits) and set(capped.hit_answers) == {"200 HIT"}
+    hits_verdict = SLOW_HITS_GOAL.verdict(
+        f"p99 {_percentile_ms(hits, 0.99):.1f} ms over {len(hits)} hits"
+        + ("" if all_hits else f" ({_counter_text(capped.hit_answers)})"),
+        all_hits and _percentile_ms(hits, 0.99) < SLOW_HIT_GOAL_MS,
+    )
+    cap = SLOW_CAP * stack.workers
+    cap_verdict = SLOW_CAP_GOAL.verdict(
+        f"{capped.upstream_sockets_peak} for {stack.workers} workers",
+        capped.upstream_sockets_peak <= cap,
+    )
+    lines = [
+        f"slow-upstream: {SLOW_CLIENTS} concurrent keyed GETs, each of a URL of its own, through "
+        f"a fresh gateway ({stack.workers} workers) to an upstream answering after "
+        f"{SLOW_UPSTREAM_2S_DELAY_S:.0f} s; meanwhile keyed cache hits, one at a time "
+        f"(REDIS_TIMEOUT_MS={SLOW_REDIS_TIMEOUT_MS})",
+        *_slow_lines("without limits", unlimited),
+        *_slow_lines(
+            f"UPSTREAM_MAX_CONCURRENCY={SLOW_CAP} (queue {SLOW_QUEUE_TIMEOUT_MS} ms)", capped
+        ),
+        f"slow-upstream: goal {hits_verdict.goal}: {met_text(hits_verdict.met)}; "
+        f"goal {cap_verdict.goal}: {met_text(cap_verdict.met)}",
+    ]
+    return ProbeReport(lines, [hits_verdict, cap_verdict])
+
+
 # --- shutdown --------------------------------------------------------------------------------
 
 SHUTDOWN_UPSTREAM_DELAY_S = 1.0
@@ -1351,6 +1638,7 @@ PROBES: tuple[Probe, ...] = (
         (STAMPEDE_2_GOALS.upstream_calls, STAMPEDE_2_GOALS.all_ok),
     ),
     Probe("downloads", _downloads_probe, (DOWNLOAD_GROWTH_GOAL, DOWNLOAD_HITS_GOAL)),
+    Probe("slow-upstream", _slow_upstream_probe, (SLOW_HITS_GOAL, SLOW_CAP_GOAL)),
     Probe(
         "shutdown",
         _shutdown_probe,

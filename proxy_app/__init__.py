@@ -18,11 +18,20 @@ def create_app(settings: Settings | None = None) -> Flask:
     # Imported here so that ``python -m proxy_app`` (the gunicorn master) stays light and the
     # gevent workers import the network libraries only after monkey-patching.
     from proxy_app import cors, pipeline, services
+    from proxy_app.access.addresses import ClientAddresses
     from proxy_app.access.check import AccessGate
+    from proxy_app.access.grace import GraceMemory
     from proxy_app.access.keys import KeyRegistry
-    from proxy_app.access.ratelimit import RateLimitPolicy
+    from proxy_app.access.plans import Limit, PlanRegistry
     from proxy_app.background import background_spawner
-    from proxy_app.blueprints import admin_cache, admin_keys, admin_metrics, health, proxy
+    from proxy_app.blueprints import (
+        admin_cache,
+        admin_keys,
+        admin_metrics,
+        admin_plans,
+        health,
+        proxy,
+    )
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
@@ -33,6 +42,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.redis import RedisConnections
     from proxy_app.settings import from_environment
     from proxy_app.upstream import UpstreamClient
+    from proxy_app.upstream_guard import UpstreamGuard
 
     if settings is None:
         settings = from_environment()
@@ -53,7 +63,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     metrics = Metrics(settings.metrics_multiproc_dir)
     redis = RedisConnections(settings, on_error=metrics.count_redis_error)
-    upstream = UpstreamClient.from_settings(settings, metrics)
+    guard = UpstreamGuard.from_settings(settings, redis.cache, metrics)
+    upstream = UpstreamClient.from_settings(settings, metrics, guard)
     store = CacheService(
         redis.cache,
         default_ttl_s=settings.cache_ttl_default_s,
@@ -70,11 +81,19 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     proxy_cache = app.extensions[services.PROXY_CACHE] = ProxyCache(store, upstream, settings)
     app.extensions[services.KEY_REGISTRY] = KeyRegistry(redis.keys, settings.api_keys_redis_prefix)
+    default_limit = Limit(settings.rate_limit_max_requests, settings.rate_limit_window_s)
+    app.extensions[services.PLAN_REGISTRY] = PlanRegistry(
+        redis.keys, settings.api_keys_redis_prefix, default_limit
+    )
     gate = AccessGate(
         redis.keys,
         settings.api_keys_redis_prefix,
-        RateLimitPolicy(settings.rate_limit_max_requests, settings.rate_limit_window_s),
+        default_limit,
         metrics,
+        ClientAddresses(settings.trusted_proxies),
+        GraceMemory(settings.outage_grace_s, settings.outage_share)
+        if settings.outage_grace_s
+        else None,
     )
 
     pipeline.init_app(app)
@@ -101,5 +120,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     )
     app.register_blueprint(admin_metrics.bp)
     app.register_blueprint(admin_keys.bp)
+    app.register_blueprint(admin_plans.bp)
     app.register_blueprint(admin_cache.bp)
     return app

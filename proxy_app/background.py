@@ -6,12 +6,35 @@ is a small thread pool. Either way a full pool refuses new work instead of queue
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
+
+# Set while background work runs: what it does must never make a client wait (a request to
+# the upstream it cannot start at once is skipped, not queued).
+_IN_BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "proxy_app_in_background", default=False
+)
+
+
+def in_background() -> bool:
+    """Whether the caller runs as work started by a background spawner."""
+    return _IN_BACKGROUND.get()
+
+
+def _as_background(work: Callable[[], None]) -> Callable[[], None]:
+    def run() -> None:
+        token = _IN_BACKGROUND.set(True)
+        try:
+            work()
+        finally:
+            _IN_BACKGROUND.reset(token)
+
+    return run
 
 
 def on_gevent() -> bool:
@@ -32,7 +55,7 @@ def background_spawner(size: int) -> Callable[[Callable[[], None]], bool]:
         def spawn_greenlet(work: Callable[[], None]) -> bool:
             if pool.full():
                 return False
-            pool.spawn(work)
+            pool.spawn(_as_background(work))
             return True
 
         return spawn_greenlet
@@ -46,7 +69,7 @@ def background_spawner(size: int) -> Callable[[Callable[[], None]], bool]:
 
         def run() -> None:
             try:
-                work()
+                _as_background(work)()
             finally:
                 slots.release()
 

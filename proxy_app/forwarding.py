@@ -70,9 +70,9 @@ HIDDEN_RESPONSE_HEADERS = header_names.HOP_BY_HOP_HEADERS | frozenset(
         "alt-svc",
     }
 )
-# Whole families: the upstream's rate-limit counters, and its CORS answers (CORS is the
+# Whole families: the upstream's rate-limit and quota counters, and its CORS answers (CORS is the
 # gateway's decision, made per request; an upstream's would leak or contradict it).
-HIDDEN_RESPONSE_HEADER_PREFIXES = ("x-ratelimit-", "ratelimit-", "access-control-")
+HIDDEN_RESPONSE_HEADER_PREFIXES = ("x-ratelimit-", "ratelimit-", "x-quota-", "access-control-")
 
 _SCHEME_PREFIX = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*:[/\\]")
 _PERCENT_ESCAPE = re.compile(r"%([0-9A-Fa-f]{2})")

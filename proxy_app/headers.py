@@ -18,6 +18,12 @@ RATELIMIT_RESET = "x-ratelimit-reset"
 #: The IETF RateLimit fields (draft-ietf-httpapi-ratelimit-headers) with the same content.
 RATELIMIT = "ratelimit"
 RATELIMIT_POLICY = "ratelimit-policy"
+#: A key's quota: its size, what is left of it and the seconds until it refills.
+QUOTA_LIMIT = "x-quota-limit"
+QUOTA_REMAINING = "x-quota-remaining"
+QUOTA_RESET = "x-quota-reset"
+#: ``grace`` on an answer let through on a worker's memory while the keys' Redis was away.
+AUTH_MODE = "x-auth-mode"
 #: Seconds to wait before trying again (429, 503).
 RETRY_AFTER = "retry-after"
 #: The age of an answer served from a cache, in seconds (RFC 9111 section 5.1).

@@ -25,6 +25,7 @@ from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
+    Gauge,
     Histogram,
     generate_latest,
 )
@@ -135,10 +136,41 @@ class Metrics:
             ["reason"],
             registry=registry,
         )
+        self.auth_grace = Counter(
+            "proxy_auth_grace_total",
+            "Keyed requests judged in grace mode while the keys' Redis was away, by outcome "
+            "(ok and limited were answered so; unknown got 503; revoked, expired, deleted 401).",
+            ["outcome"],
+            registry=registry,
+        )
         self.rate_limited = Counter(
             "proxy_rate_limited_total",
             "Requests refused with 429 by the per-key rate limit.",
             registry=registry,
+        )
+        self.upstream_rejections = Counter(
+            "proxy_upstream_rejections_total",
+            "Upstream requests the gateway held back to spare the upstream, by reason "
+            "(concurrency, rate_limit, retry_after, breaker_open, refresh_skipped); "
+            "some were answered from a stale entry.",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_rate_limit_fail_open = Counter(
+            "proxy_upstream_rate_limit_fail_open_total",
+            "Upstream requests sent unchecked because Redis could not apply UPSTREAM_RATE_LIMIT.",
+            registry=registry,
+        )
+        self.upstream_breaker_opened = Counter(
+            "proxy_upstream_breaker_opened_total",
+            "Times a worker's upstream circuit breaker opened.",
+            registry=registry,
+        )
+        self.upstream_breaker_state = Gauge(
+            "proxy_upstream_breaker_state",
+            "Upstream circuit breaker: 0 closed (or off), 1 half-open, 2 open; the worst worker's.",
+            registry=registry,
+            multiprocess_mode="livemax",
         )
         self.redis_errors = Counter(
             "proxy_redis_errors_total",

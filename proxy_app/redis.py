@@ -19,10 +19,11 @@ from typing import Any, TypeVar, cast
 
 import redis
 import redis.exceptions
+import redis.sentinel
 from redis.commands.core import Script
 
-from proxy_app.redis_pipeline import PipelinedConnection, PipelineError, ReplyError
-from proxy_app.settings import Settings, mask_url_password
+from proxy_app.redis_pipeline import LocateError, PipelinedConnection, PipelineError, ReplyError
+from proxy_app.settings import SENTINEL_SCHEME, Settings, mask_url_password, parse_sentinel_url
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,11 @@ class RedisService:
         self._on_error = on_error
         injected = client
         self.url_for_logs = mask_url_password(url)
-        if client is None:
+        self._sentinel: _Sentinel | None = None
+        if client is None and url.startswith(SENTINEL_SCHEME + "://"):
+            self._sentinel = _Sentinel(url, timeout_s)
+            client = self._sentinel.client
+        elif client is None:
             pool = redis.BlockingConnectionPool.from_url(
                 url,
                 max_connections=POOL_SIZE,
@@ -81,7 +86,9 @@ class RedisService:
         self.client: redis.Redis = client
         # Only for a real server: an injected client (tests) keeps every command on itself.
         self._pipeline = (
-            PipelinedConnection(url, timeout_s)
+            PipelinedConnection(
+                url, timeout_s, self._sentinel.locate if self._sentinel is not None else None
+            )
             if injected is None and PipelinedConnection.supports(url)
             else None
         )
@@ -156,6 +163,23 @@ class RedisService:
             return list(pipe.execute())
 
         return self._call(fetch)
+
+    def hget(self, key: str, field: str) -> bytes | None:
+        return cast("bytes | None", self._command("HGET", key, field))
+
+    def hset(self, key: str, fields: dict[str, str]) -> int:
+        return int(self._command("HSET", key, *(item for pair in fields.items() for item in pair)))
+
+    def scard(self, key: str) -> int:
+        return int(self._command("SCARD", key))
+
+    def sscan(self, key: str, cursor: int, *, count: int) -> tuple[int, list[bytes]]:
+        """One step of SSCAN: the next cursor (0 at the end) and the members it gave."""
+        next_cursor, members = self._command("SSCAN", key, cursor, "COUNT", count)
+        return int(next_cursor), list(members)
+
+    def publish(self, channel: str, message: str) -> int:
+        return int(self._command("PUBLISH", channel, message))
 
     def set_members(self, key: str, *, batch: int) -> list[bytes]:
         """Every member of a set, read with SSCAN ``batch`` at a time (never one SMEMBERS)."""
@@ -242,6 +266,11 @@ class RedisService:
             self._record_recovery()
         return result
 
+    def subscriber(self) -> Any:
+        """A redis-py PubSub on this endpoint, for a listener that runs as long as the worker
+        (its own connection, outside the pool's bounds and the outage detector)."""
+        return self.client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+
     def ping(self) -> bool:
         try:
             return bool(self._call(lambda client: client.ping()))
@@ -252,6 +281,8 @@ class RedisService:
         if self._pipeline is not None:
             self._pipeline.close()
         self.client.close()
+        if self._sentinel is not None:
+            self._sentinel.close()
 
     def _record_failure(self, exc: Exception) -> None:
         self._on_error(self.name)
@@ -270,7 +301,57 @@ class RedisService:
             if not self._in_outage:
                 return
             self._in_outage = False
-        log.info("redis outage ended", extra={"redis": self.name, "url": self.url_for_logs})
+        extra = {"redis": self.name, "url": self.url_for_logs}
+        if self._sentinel is not None and self._sentinel.master is not None:
+            host, port = self._sentinel.master
+            extra["master"] = f"{host}:{port}"  # which one answers now
+        log.info("redis outage ended", extra=extra)
+
+
+class _BlockingSentinelPool(
+    redis.sentinel.SentinelConnectionPool,
+    redis.BlockingConnectionPool,
+):
+    """redis-py's Sentinel pool, with the bounded wait of the blocking pool: a request that
+    finds no free connection waits for one (at most the Redis timeout) instead of failing at
+    once, as it does with a plain URL. Both classes are redis-py's; this only combines them."""
+
+
+class _Sentinel:
+    """The sentinels of a ``redis+sentinel://`` URL and a client of the master they name. Every
+    new connection asks them for the master, so a failover needs no restart."""
+
+    def __init__(self, url: str, timeout_s: float) -> None:
+        parsed = parse_sentinel_url(url)
+        self.master_name = parsed.master_name
+        self.master: tuple[str, int] | None = None
+        self._manager = redis.sentinel.Sentinel(  # type: ignore[no-untyped-call]
+            list(parsed.sentinels),
+            sentinel_kwargs={"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s},
+        )
+        self.client: redis.Redis = self._manager.master_for(  # type: ignore[no-untyped-call]
+            parsed.master_name,
+            connection_pool_class=_BlockingSentinelPool,
+            max_connections=POOL_SIZE,
+            timeout=timeout_s,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            db=parsed.db,
+            username=parsed.username,
+            password=parsed.password,
+        )
+
+    def locate(self) -> tuple[str, int]:
+        """The master's address as the sentinels know it now."""
+        try:
+            host, port = self._manager.discover_master(self.master_name)  # type: ignore[no-untyped-call]
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            raise LocateError(f"no sentinel names a master for {self.master_name!r}") from exc
+        self.master = (str(host), int(port))
+        return self.master
+
+    def close(self) -> None:
+        self._manager.close()
 
 
 class RedisConnections:

@@ -19,10 +19,13 @@ import contextlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import hiredis
 from redis.connection import parse_url
+
+from proxy_app.settings import SENTINEL_SCHEME, parse_sentinel_url
 
 # Bytes read from the socket at once: many replies per read when requests pile up.
 READ_SIZE = 65536
@@ -38,6 +41,10 @@ class PipelineError(ConnectionError):
 
 class PipelineTimeout(PipelineError, TimeoutError):
     pass
+
+
+class LocateError(Exception):
+    """The address of the Redis to connect to could not be found (no sentinel knows a master)."""
 
 
 class ReplyError(Exception):
@@ -74,20 +81,42 @@ class _Link:
         self.closed = threading.Event()  # set when broken: ends the watchdog's wait at once
 
 
+Address = tuple[str, int] | str  # host and port, or the path of a Unix socket
+
+
 class PipelinedConnection:
-    def __init__(self, url: str, timeout_s: float) -> None:
-        options = parse_url(url)  # type: ignore[no-untyped-call]
-        self._address: tuple[str, int] | str = (
-            options["path"]
-            if "path" in options
-            else (options.get("host", "127.0.0.1"), int(options.get("port", 6379)))
-        )
+    def __init__(
+        self, url: str, timeout_s: float, locate: Callable[[], Address] | None = None
+    ) -> None:
+        """``locate``, given for a ``redis+sentinel://`` URL, names the current master; it is
+        asked again for every new socket, so a failover is followed by the next connect."""
+        if url.startswith(SENTINEL_SCHEME + "://"):
+            if locate is None:
+                raise ValueError("a Sentinel URL needs a way to locate its master")
+            sentinel = parse_sentinel_url(url)
+            options: dict[str, Any] = {
+                "username": sentinel.username,
+                "password": sentinel.password,
+                "db": sentinel.db,
+            }
+        else:
+            options = parse_url(url)  # type: ignore[no-untyped-call]
+            fixed: Address = (
+                options["path"]
+                if "path" in options
+                else (options.get("host", "127.0.0.1"), int(options.get("port", 6379)))
+            )
+            locate = locate or (lambda: fixed)
+        self._locate = locate
+        # A READONLY reply means the socket reaches a master that was demoted: only where a
+        # failover can have moved the master is that a reason to connect again.
+        self._follows_failover = url.startswith(SENTINEL_SCHEME + "://")
         self._setup: list[tuple[Any, ...]] = []
         if options.get("password"):
             username = options.get("username")
             auth = ("AUTH", username, options["password"]) if username else None
             self._setup.append(auth or ("AUTH", options["password"]))
-        if int(options.get("db", 0)):
+        if int(options.get("db") or 0):
             self._setup.append(("SELECT", int(options["db"])))
         self.timeout_s = timeout_s
         self._link: _Link | None = None
@@ -98,7 +127,7 @@ class PipelinedConnection:
     @staticmethod
     def supports(url: str) -> bool:
         """TLS (rediss://) stays with redis-py's connections."""
-        return url.startswith(("redis://", "unix://"))
+        return url.startswith(("redis://", "unix://", SENTINEL_SCHEME + "://"))
 
     def execute(self, *args: Any) -> Any:
         """Send one command and wait for its reply; raises PipelineError, PipelineTimeout or
@@ -121,6 +150,10 @@ class PipelinedConnection:
         if waiter.error is not None:
             raise PipelineError(str(waiter.error)) from waiter.error
         if isinstance(waiter.reply, hiredis.ReplyError):
+            if self._follows_failover and str(waiter.reply).startswith("READONLY"):
+                with link.lock:
+                    self._break(link, PipelineError("the Redis master was demoted"))
+                raise PipelineError("the Redis master was demoted to a replica")
             raise ReplyError(str(waiter.reply))
         return waiter.reply
 
@@ -150,12 +183,13 @@ class PipelinedConnection:
     def _open_socket(self) -> socket.socket:
         sock: socket.socket | None = None
         try:
-            if isinstance(self._address, str):
+            address = self._locate()
+            if isinstance(address, str):
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
                 sock.settimeout(self.timeout_s)
-                sock.connect(self._address)
+                sock.connect(address)
             else:
-                sock = socket.create_connection(self._address, timeout=self.timeout_s)
+                sock = socket.create_connection(address, timeout=self.timeout_s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reader = hiredis.Reader()
             for command in self._setup:
@@ -163,7 +197,7 @@ class PipelinedConnection:
                 reply = _read_one(sock, reader)
                 if isinstance(reply, hiredis.ReplyError):
                     raise PipelineError(f"Redis refused {command[0]}: {reply}")
-        except (OSError, hiredis.ProtocolError, PipelineError) as exc:
+        except (OSError, hiredis.ProtocolError, PipelineError, LocateError) as exc:
             if sock is not None:
                 sock.close()
             if isinstance(exc, PipelineError):

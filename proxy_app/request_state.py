@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from flask import g
 
 if TYPE_CHECKING:
-    from proxy_app.access.ratelimit import RateLimitState
+    from proxy_app.access.check import AccessDecision
     from proxy_app.cache.store import Prefetched
     from proxy_app.forwarding import ProxyRequest
 
@@ -27,7 +27,7 @@ class RequestState:
     request_id_token: contextvars.Token[str | None] | None = None  # the logging context's
     proxy: ProxyRequest | None = None  # what a proxied request asks of the upstream
     key_id: str | None = None
-    rate_limit: RateLimitState | None = None
+    access: AccessDecision | None = None  # the key check's verdict: plan, limits, quota
     prefetched: Prefetched | None = None  # the cache entry read along with the key check
     cache: str | None = None  # the cache outcome (x-cache)
     upstream_status: int | None = None

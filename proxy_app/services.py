@@ -8,6 +8,7 @@ from flask import current_app
 
 if TYPE_CHECKING:
     from proxy_app.access.keys import KeyRegistry
+    from proxy_app.access.plans import PlanRegistry
     from proxy_app.cache.http import ProxyCache
     from proxy_app.metrics import Metrics
     from proxy_app.redis import RedisConnections
@@ -20,6 +21,7 @@ REDIS = "proxy_app.redis"
 METRICS = "proxy_app.metrics"
 PROXY_CACHE = "proxy_app.proxy_cache"
 KEY_REGISTRY = "proxy_app.key_registry"
+PLAN_REGISTRY = "proxy_app.plan_registry"
 FORWARDED_HEADERS = "proxy_app.forwarded_headers"
 
 
@@ -45,3 +47,7 @@ def proxy_cache() -> ProxyCache:
 
 def key_registry() -> KeyRegistry:
     return cast("KeyRegistry", current_app.extensions[KEY_REGISTRY])
+
+
+def plan_registry() -> PlanRegistry:
+    return cast("PlanRegistry", current_app.extensions[PLAN_REGISTRY])

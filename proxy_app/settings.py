@@ -6,11 +6,12 @@ Nothing else in the package reads ``os.environ``: the entry point passes the env
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_load, validate
@@ -19,7 +20,8 @@ from proxy_app import headers
 from proxy_app.forwarding import strip_gateway_prefix
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-REDIS_URL_SCHEMES = ("redis", "rediss", "unix")
+SENTINEL_SCHEME = "redis+sentinel"
+REDIS_URL_SCHEMES = ("redis", "rediss", "unix", SENTINEL_SCHEME)
 DEFAULT_BODY_TYPES = ("application/json", "application/*+json")
 # Request headers an operator may not add to the forwarded ones: credentials (the client's and
 # the gateway's), the client's routing and connection, and framing the HTTP client sets itself.
@@ -66,12 +68,20 @@ class Settings:
     upstream_timeout_ms: int = 10_000
     upstream_retries: int = 2
     upstream_api_key: str = _secret()
+    # Sparing the upstream (proxy_app/upstream_guard.py); each off unless set.
+    upstream_max_concurrency: int | None = None  # per worker; None: unlimited
+    upstream_queue_timeout_ms: int = 100
+    upstream_rate_limit: int | None = None  # requests per second across replicas; None: none
+    upstream_retry_after_max_s: int = 0  # 0: an upstream's Retry-After pauses nothing
+    upstream_breaker_failures: int = 0  # 0: no circuit breaker
+    upstream_breaker_cooldown_s: int = 30
     proxy_body_limit_bytes: int = 1_048_576
     proxy_response_limit_bytes: int | None = None  # None: upstream answers of any size
     proxy_hide_response_headers: tuple[str, ...] = ()  # lowercased names
     proxy_forward_request_headers: tuple[str, ...] = ()  # lowercased names
     proxy_body_types: tuple[str, ...] = DEFAULT_BODY_TYPES  # lowercased media ranges
     cors_allowed_origins: tuple[str, ...] = ()  # lowercased origins, or ("*",); empty: no CORS
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-For is believed
     cache_redis_url: str = "redis://127.0.0.1:6379/0"
     cache_ttl_default_s: int = 300
     cache_stale_ttl_s: int = 60
@@ -85,6 +95,8 @@ class Settings:
     api_keys_redis_prefix: str = "api-keys"
     rate_limit_window_s: int = 60
     rate_limit_max_requests: int = 120
+    outage_grace_s: int = 0  # 0: keyed requests fail closed while the keys' Redis is away
+    outage_share: int = 1  # workers x replicas sharing the traffic, for grace's local limits
     redis_timeout_ms: int = 250
     admin_api_token: str = _secret()
     version: str = "dev"
@@ -131,10 +143,73 @@ def _http_base_url(value: str) -> None:
         raise ValidationError("must not carry credentials (use HTTP_CLIENT_API_KEY)")
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SentinelURL:
+    """``redis+sentinel://[[user]:password@]host1:26379,host2:26379/<master-name>/<db>``: the
+    sentinels to ask, the name of the master they watch, and the database and credentials for
+    the master (the sentinels themselves are asked without credentials)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int
+    username: str | None
+    password: str | None
+
+
+_SENTINEL_HOST = re.compile(
+    r"^(?:\[(?P<ipv6>[0-9A-Fa-f:.]+)\]|(?P<host>[A-Za-z0-9.-]+))(?::(?P<port>\d{1,5}))?$"
+)
+_SENTINEL_PATH = re.compile(r"^/(?P<name>[A-Za-z0-9._-]+)(?:/(?P<db>\d{1,2}))?/?$")
+
+
+def parse_sentinel_url(url: str) -> SentinelURL:
+    """Parse the Sentinel form of a Redis URL; ValueError names what is wrong with it.
+
+    Written here because urllib's parser reads one host per URL and redis-py takes the sentinels
+    as a list, not as a URL."""
+    scheme, sep, rest = url.partition("://")
+    if scheme != SENTINEL_SCHEME or not sep:
+        raise ValueError(f"not a {SENTINEL_SCHEME}:// URL")
+    if "?" in rest or "#" in rest:
+        raise ValueError("must not carry a query string or fragment")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, hosts = netloc.rpartition("@")
+    username = password = None
+    if at:
+        user, colon, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if colon else None
+    sentinels = []
+    for item in hosts.split(","):
+        match = _SENTINEL_HOST.match(item.strip())
+        if match is None:
+            raise ValueError(f"has an invalid sentinel address {item.strip()!r}")
+        port = int(match["port"] or 26379)
+        if not 0 < port < 65536:
+            raise ValueError(f"has an invalid port in {item.strip()!r}")
+        sentinels.append((match["ipv6"] or match["host"], port))
+    path_match = _SENTINEL_PATH.match(slash + path)
+    if path_match is None:
+        raise ValueError("must name the master after the hosts: /<master-name>[/<db>]")
+    return SentinelURL(
+        sentinels=tuple(sentinels),
+        master_name=path_match["name"],
+        db=int(path_match["db"] or 0),
+        username=username,
+        password=password,
+    )
+
+
 def _redis_url(value: str) -> None:
     parts = urlsplit(value)
     if parts.scheme not in REDIS_URL_SCHEMES:
-        raise ValidationError("not a redis://, rediss:// or unix:// URL")
+        raise ValidationError("not a redis://, rediss://, unix:// or redis+sentinel:// URL")
+    if parts.scheme == SENTINEL_SCHEME:
+        try:
+            parse_sentinel_url(value)
+        except ValueError as exc:
+            raise ValidationError(str(exc)) from None
+        return
     if parts.scheme != "unix" and not parts.hostname:
         raise ValidationError("has no host")
     try:
@@ -204,6 +279,14 @@ def _origins(value: str) -> None:
             raise ValidationError(f"{origin!r} is not an origin (scheme://host[:port])")
 
 
+def _networks(value: str) -> None:
+    for network in _split_csv(value):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ValidationError(f"{network!r} is not an IP address or CIDR network") from None
+
+
 def _split_csv(value: str) -> list[str]:
     return [item.strip() for item in value.split(",") if item.strip()]
 
@@ -265,6 +348,33 @@ class _SettingsSchema(Schema):
     )
     upstream_retries = _int("HTTP_CLIENT_RETRIES", "an integer from 0 to 10", 0, 10)
     upstream_api_key = _str("HTTP_CLIENT_API_KEY", "any string")
+    upstream_max_concurrency = _int(
+        "UPSTREAM_MAX_CONCURRENCY",
+        "an integer from 1 to 100000 (requests in flight per worker); unset for no limit",
+        1,
+        100_000,
+    )
+    upstream_queue_timeout_ms = _int(
+        "UPSTREAM_QUEUE_TIMEOUT_MS", "milliseconds, an integer from 0 to 60000", 0, 60_000
+    )
+    upstream_rate_limit = _int(
+        "UPSTREAM_RATE_LIMIT",
+        "requests per second, an integer from 1 to 1000000; unset for no limit",
+        1,
+        1_000_000,
+    )
+    upstream_retry_after_max_s = _int(
+        "UPSTREAM_RETRY_AFTER_MAX_SECONDS",
+        "seconds, an integer from 0 (off) to 3600",
+        0,
+        3600,
+    )
+    upstream_breaker_failures = _int(
+        "UPSTREAM_BREAKER_FAILURES", "an integer from 0 (off) to 1000", 0, 1000
+    )
+    upstream_breaker_cooldown_s = _int(
+        "UPSTREAM_BREAKER_COOLDOWN_SECONDS", "seconds, an integer from 1 to 3600", 1, 3600
+    )
     proxy_body_limit_bytes = _int(
         "PROXY_BODY_LIMIT", "bytes, an integer from 0 to 104857600", 0, 100 * 1024 * 1024
     )
@@ -294,6 +404,11 @@ class _SettingsSchema(Schema):
         "CORS_ALLOWED_ORIGINS",
         "comma-separated origins such as https://app.example.com,http://localhost:5173, or *",
         _origins,
+    )
+    trusted_proxies = _str(
+        "TRUSTED_PROXIES",
+        "comma-separated IP addresses or CIDR networks such as 10.0.0.0/8,fd00::/8",
+        _networks,
     )
     cache_redis_url = _str("CACHE_REDIS_URL", "a URL such as redis://127.0.0.1:6379/0", _redis_url)
     cache_ttl_default_s = _int("CACHE_TTL_DEFAULT", "seconds, an integer >= 0", 0)
@@ -325,6 +440,10 @@ class _SettingsSchema(Schema):
     rate_limit_max_requests = _int(
         "API_KEYS_RATE_LIMIT_MAX_REQUESTS", "an integer from 1 to 10000000", 1, 10_000_000
     )
+    outage_grace_s = _int(
+        "API_KEYS_OUTAGE_GRACE_SECONDS", "seconds, an integer from 0 to 86400", 0, 86_400
+    )
+    outage_share = _int("API_KEYS_OUTAGE_SHARE", "an integer from 1 to 10000", 1, 10_000)
     redis_timeout_ms = _int(
         "REDIS_TIMEOUT_MS", "milliseconds, an integer from 1 to 10000", 1, 10_000
     )
@@ -350,6 +469,11 @@ class _SettingsSchema(Schema):
             )
         if "cache_control_field" in data:
             data["cache_control_field"] = data["cache_control_field"].strip().lower()
+        if "trusted_proxies" in data:
+            data["trusted_proxies"] = tuple(
+                str(ipaddress.ip_network(network, strict=False))
+                for network in _split_csv(data["trusted_proxies"])
+            )
         for name in ("proxy_forward_request_headers", "proxy_body_types", "cors_allowed_origins"):
             if name in data:
                 data[name] = _lowered_names(data[name])

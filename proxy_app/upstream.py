@@ -7,6 +7,7 @@ import http.client
 import logging
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 import certifi
@@ -17,6 +18,9 @@ from urllib3.util import SKIP_HEADER, Retry, Timeout, make_headers, parse_url
 
 from proxy_app.metrics import Metrics
 from proxy_app.settings import Settings
+
+if TYPE_CHECKING:
+    from proxy_app.upstream_guard import UpstreamGuard
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +85,19 @@ class UpstreamResponseTooLarge(UpstreamError):
     kind = "response_too_large"
 
 
-def retry_policy(retries: int) -> Retry:
-    return Retry(
+class _PauseHonouringRetry(Retry):
+    """Does not retry an answer whose Retry-After asks for a pause: the upstream guard pauses
+    every request for it instead (UPSTREAM_RETRY_AFTER_MAX_SECONDS)."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if has_retry_after and status_code in self.RETRY_AFTER_STATUS_CODES:
+            return False
+        return super().is_retry(method, status_code, has_retry_after)
+
+
+def retry_policy(retries: int, *, honour_retry_after: bool = False) -> Retry:
+    policy = _PauseHonouringRetry if honour_retry_after else Retry
+    return policy(
         total=retries,
         connect=retries,
         read=retries,
@@ -282,17 +297,20 @@ class UpstreamClient:
         api_key: str = "",
         pool_size: int = 100,
         response_limit_bytes: int | None = None,
+        honour_retry_after: bool = False,
         metrics: Metrics | None = None,
+        guard: UpstreamGuard | None = None,
     ) -> None:
         self.base_url = base_url
         self._metrics = metrics
+        self.guard = guard
         self.timeout_s = timeout_ms / 1000
         # The longest one request may take: connect and read timeouts for every attempt, plus
         # the pauses between attempts.
         self.max_duration_s = (retries + 1) * 2 * self.timeout_s + retries * RETRY_BACKOFF_MAX_S
         self.response_limit_bytes = response_limit_bytes
         self._api_key = api_key
-        self._retrying = retry_policy(retries)
+        self._retrying = retry_policy(retries, honour_retry_after=honour_retry_after)
         self._timeout = Timeout(connect=self.timeout_s, read=self.timeout_s)
         self._pool: urllib3.HTTPConnectionPool | None = None
         self._base_path = ""
@@ -301,7 +319,12 @@ class UpstreamClient:
             self._pool, self._base_path, self._auth = _connection_pool(base_url, pool_size)
 
     @classmethod
-    def from_settings(cls, settings: Settings, metrics: Metrics | None = None) -> UpstreamClient:
+    def from_settings(
+        cls,
+        settings: Settings,
+        metrics: Metrics | None = None,
+        guard: UpstreamGuard | None = None,
+    ) -> UpstreamClient:
         return cls(
             settings.upstream_base_url,
             timeout_ms=settings.upstream_timeout_ms,
@@ -309,7 +332,9 @@ class UpstreamClient:
             api_key=settings.upstream_api_key,
             pool_size=settings.worker_connections,
             response_limit_bytes=settings.proxy_response_limit_bytes,
+            honour_retry_after=settings.upstream_retry_after_max_s > 0,
             metrics=metrics,
+            guard=guard,
         )
 
     def close(self) -> None:
@@ -348,11 +373,24 @@ class UpstreamClient:
         read or close. An answer longer than PROXY_RESPONSE_LIMIT by its content-length is
         refused here (UpstreamResponseTooLarge), before any of it is read."""
         method = method.upper()
-        try:
-            response = self._send(method, path, query, headers, body)
-        except UpstreamError as exc:
-            self._count_error(exc)
-            raise
+        if self.guard is None:
+            try:
+                response = self._send(method, path, query, headers, body)
+            except UpstreamError as exc:
+                self._count_error(exc)
+                raise
+        else:
+            # Raises UpstreamRefused when the guard holds the request back; the slot it holds
+            # is given back once the answer's headers are in (a long body streaming to the
+            # client does not hold it).
+            with self.guard.passage(method, join_url(self.base_url or "", path, query)) as way:
+                try:
+                    response = self._send(method, path, query, headers, body)
+                except UpstreamError as exc:
+                    way.failed(exc)
+                    self._count_error(exc)
+                    raise
+                way.answered(response.status, response.header("retry-after"))
         if self._metrics is not None:
             self._metrics.observe_upstream(method, response.elapsed_ms / 1000)
         return response

@@ -10,8 +10,15 @@ Or straight against the keys' Redis, to bootstrap the first key before anything 
 
     scripts/api_keys.py --redis redis://127.0.0.1:6379/0 create --owner ops --label smoke
 
-Commands: create, list, show KEY_ID, revoke KEY_ID, activate KEY_ID, delete KEY_ID. Output is
-JSON on stdout; the raw key appears once, in the answer to ``create``.
+Commands: create, list, show KEY_ID, patch KEY_ID, roll KEY_ID, revoke KEY_ID, activate KEY_ID,
+delete KEY_ID, and plans (list, show NAME, create NAME, update NAME, delete NAME). patch, roll
+and plans go through the admin API (--url). Output is JSON on stdout; the raw key appears once,
+in the answer to ``create`` or ``roll``. Limits, quotas, scopes and metadata are given as JSON:
+
+    scripts/api_keys.py --url ... plans create pro --limits '[{"max":10,"windowSeconds":1}]' \
+        --quota '{"max":100000,"period":"month"}' --cache-hits-free
+    scripts/api_keys.py --url ... patch KEY_ID --plan pro --metadata '{"crm":"42"}'
+    scripts/api_keys.py --url ... roll KEY_ID --grace-seconds 86400
 """
 
 from __future__ import annotations
@@ -41,13 +48,23 @@ class AdminApi:
         self._session = requests.Session()
         self._session.headers["Authorization"] = f"Bearer {token}"
         self._session.headers["X-Admin-Actor"] = os.environ.get("USER", "cli")
-        self._base = base_url.rstrip("/") + "/internal/api-keys"
+        self._root = base_url.rstrip("/") + "/internal"
+        self._base = self._root + "/api-keys"
 
-    def _call(self, method: str, path: str = "", body: dict[str, Any] | None = None) -> Any:
+    def _call(
+        self,
+        method: str,
+        path: str = "",
+        body: dict[str, Any] | None = None,
+        *,
+        root: str | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
         import requests
 
+        url = (root or self._base) + path
         try:
-            response = self._session.request(method, self._base + path, json=body, timeout=15)
+            response = self._session.request(method, url, json=body, params=params, timeout=15)
         except requests.exceptions.RequestException as exc:
             raise CommandFailed(f"the gateway could not be reached: {type(exc).__name__}") from None
         if response.status_code >= 400:
@@ -61,11 +78,35 @@ class AdminApi:
     def create(self, fields: dict[str, Any]) -> Any:
         return self._call("POST", "", {k: v for k, v in fields.items() if v is not None})
 
-    def list(self) -> Any:
-        return self._call("GET")
+    def list(self, filters: dict[str, str]) -> Any:
+        """Every page: the API hands out keys a page at a time."""
+        items: list[Any] = []
+        params = {"limit": "500", **filters}
+        while True:
+            page = self._call("GET", params=params)
+            items += page["items"]
+            if not page.get("nextCursor"):
+                return {"items": items}
+            params["cursor"] = page["nextCursor"]
 
     def show(self, key_id: str) -> Any:
         return self._call("GET", f"/{key_id}")
+
+    def patch(self, key_id: str, fields: dict[str, Any]) -> Any:
+        return self._call("PATCH", f"/{key_id}", fields)
+
+    def roll(self, key_id: str, grace_s: int) -> Any:
+        return self._call("POST", f"/{key_id}/roll", {"gracePeriodSeconds": grace_s})
+
+    def plans(self, action: str, name: str | None, body: dict[str, Any]) -> Any:
+        root = self._root + "/plans"
+        if action == "list":
+            return self._call("GET", root=root)
+        if action == "create":
+            return self._call("POST", body={"name": name, **body}, root=root)
+        if action == "update":
+            return self._call("PUT", f"/{name}", body, root=root)
+        return self._call("DELETE" if action == "delete" else "GET", f"/{name}", root=root)
 
     def change(self, action: str, key_id: str) -> Any:
         if action == "delete":
@@ -94,11 +135,16 @@ class DirectRedis:
             contact=fields["contact"],
             expires_at=expires_at,
             created_by=fields["createdBy"],
+            plan=fields.get("plan"),
         )
         return {**record.to_json(), "apiKey": raw_key}
 
-    def list(self) -> Any:
-        return {"items": [record.to_json() for record in self._registry.list()]}
+    def list(self, filters: dict[str, str]) -> Any:
+        records = self._registry.list()
+        shown = [record.to_json() for record in records]
+        return {
+            "items": [item for item in shown if all(item.get(k) == v for k, v in filters.items())]
+        }
 
     def show(self, key_id: str) -> Any:
         record = self._registry.get(key_id)
@@ -132,10 +178,68 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     create.add_argument("--contact")
     create.add_argument("--expires-at", help="ISO 8601, e.g. 2027-01-31T00:00:00Z")
     create.add_argument("--created-by", default=os.environ.get("USER"))
-    commands.add_parser("list", help="list keys (metadata only)")
+    create.add_argument("--plan", help="the plan the key is on (default: 'default')")
+    listing = commands.add_parser("list", help="list keys (metadata only)")
+    listing.add_argument("--owner")
+    listing.add_argument("--status", choices=("active", "revoked", "expired"))
+    listing.add_argument("--plan")
     for action in ("show", "revoke", "activate", "delete"):
         commands.add_parser(action, help=f"{action} a key").add_argument("key_id")
-    return parser.parse_args(argv)
+    patch = commands.add_parser("patch", help="change fields of a key (--url)")
+    patch.add_argument("key_id")
+    # Left out: unchanged (SUPPRESS leaves no attribute), so that null can mean "clear it".
+    for flag in ("--label", "--contact", "--expires-at", "--plan"):
+        patch.add_argument(flag, default=argparse.SUPPRESS, help="'null' clears it")
+    for flag in ("--limits", "--quota", "--metadata", "--scopes", "--allowed-ips"):
+        patch.add_argument(
+            flag, type=_json_arg, default=argparse.SUPPRESS, help="JSON; null clears it"
+        )
+    roll = commands.add_parser("roll", help="replace a key; the old one works for the grace")
+    roll.add_argument("key_id")
+    roll.add_argument("--grace-seconds", type=int, required=True)
+    plans = commands.add_parser("plans", help="list, show, create, update or delete plans")
+    plans.add_argument("action", choices=("list", "show", "create", "update", "delete"))
+    plans.add_argument("name", nargs="?")
+    plans.add_argument("--limits", type=_json_arg, help='JSON, e.g. [{"max":10,"windowSeconds":1}]')
+    plans.add_argument("--quota", type=_json_arg, help='JSON, e.g. {"max":1000,"period":"day"}')
+    plans.add_argument("--cache-hits-free", action="store_true")
+    plans.add_argument("--share-by-owner", action="store_true")
+    args = parser.parse_args(argv)
+    if args.command == "plans" and args.action != "list" and not args.name:
+        parser.error(f"plans {args.action} needs a plan name")
+    if args.command in ("patch", "roll", "plans") and not args.url:
+        parser.error(f"{args.command} goes through the admin API: use --url")
+    return args
+
+
+def _json_arg(value: str) -> Any:
+    try:
+        return json.loads(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not JSON: {value[:40]!r}") from None
+
+
+def _patch_fields(args: argparse.Namespace) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, attribute in (
+        ("label", "label"),
+        ("contact", "contact"),
+        ("expiresAt", "expires_at"),
+        ("plan", "plan"),
+    ):
+        if hasattr(args, attribute):
+            value = getattr(args, attribute)
+            fields[name] = None if value == "null" else value
+    for name, attribute in (
+        ("limits", "limits"),
+        ("quota", "quota"),
+        ("metadata", "metadata"),
+        ("scopes", "scopes"),
+        ("allowedIps", "allowed_ips"),
+    ):
+        if hasattr(args, attribute):
+            fields[name] = getattr(args, attribute)
+    return fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,13 +261,38 @@ def main(argv: list[str] | None = None) -> int:
                     "contact": args.contact,
                     "expiresAt": args.expires_at,
                     "createdBy": args.created_by,
+                    "plan": args.plan,
                 }
             )
             print("The key is shown only now; store it safely.", file=sys.stderr)
         elif args.command == "list":
-            result = backend.list()
+            filters = {
+                name: value
+                for name, value in (
+                    ("owner", args.owner),
+                    ("status", args.status),
+                    ("plan", args.plan),
+                )
+                if value
+            }
+            result = backend.list(filters)
         elif args.command == "show":
             result = backend.show(args.key_id)
+        elif isinstance(backend, AdminApi) and args.command == "patch":
+            result = backend.patch(args.key_id, _patch_fields(args))
+        elif isinstance(backend, AdminApi) and args.command == "roll":
+            result = backend.roll(args.key_id, args.grace_seconds)
+            print("The new key is shown only now; store it safely.", file=sys.stderr)
+        elif isinstance(backend, AdminApi) and args.command == "plans":
+            body: dict[str, Any] = {}
+            if args.action in ("create", "update"):
+                body = {
+                    "limits": args.limits,
+                    "quota": args.quota,
+                    "cacheHitsFree": args.cache_hits_free,
+                    "shareByOwner": args.share_by_owner,
+                }
+            result = backend.plans(args.action, args.name, body)
         else:
             result = backend.change(args.command, args.key_id)
     except CommandFailed as exc:

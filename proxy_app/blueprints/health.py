@@ -23,9 +23,18 @@ def status() -> Response:
             # Set per deploy, so that a deploy can tell its own tasks from the ones before.
             "deployment": settings.deployment_id,
             "redis": redis_status,
-            "upstream": {"configured": bool(settings.upstream_base_url)},
+            "upstream": {
+                "configured": bool(settings.upstream_base_url),
+                # This worker's view (each worker guards its own requests).
+                **_upstream_guard_status(),
+            },
         }
     )
+
+
+def _upstream_guard_status() -> dict[str, object]:
+    guard = services.upstream().guard
+    return guard.status() if guard is not None else {}
 
 
 @bp.get("/live")

@@ -22,6 +22,7 @@ from proxy_app.cache.http import ProxyCache, Served
 from proxy_app.cache.policy import key_hash
 from proxy_app.cache.store import Prefetched
 from proxy_app.errors import (
+    ApiError,
     BadGateway,
     BadRequest,
     PayloadTooLarge,
@@ -43,6 +44,7 @@ from proxy_app.http_connection import ResponseAborted
 from proxy_app.logging import reset_request_id, set_request_id
 from proxy_app.request_state import RequestState
 from proxy_app.upstream import UpstreamError, UpstreamNotConfigured, UpstreamResponse
+from proxy_app.upstream_guard import UpstreamRefused
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
@@ -69,21 +71,34 @@ def blueprint(
         state = request_state.current()
         plan = state.proxy = plan_request(state.request_id, cache, forwarded_headers)
         also_read = plan.cache_key if read_along else None
-        admission = gate.admit(request.environ, also_read)
+        admission = gate.admit(request.environ, path=plan.target or "", also_read=also_read)
         state.key_id = admission.key_id
-        state.rate_limit = admission.rate
-        if also_read is not None and admission.read_along is not None:
-            state.prefetched = Prefetched(also_read, admission.read_along or None)
+        state.access = admission.decision
+        read = admission.decision.read_along
+        if also_read is not None and read is not None:
+            state.prefetched = Prefetched(also_read, read or None)
         gate.enforce_limit(admission)
+
+    def charge_deferred(state: RequestState, plan: ProxyRequest) -> None:
+        """For a plan whose cache hits are free: charge a request that goes to the upstream
+        after all (a second round trip, on the way to a slower one)."""
+        method = request.method
+        reaches_upstream = method not in ("GET", "HEAD") or not cache.answerable(
+            plan.cache_key, state.prefetched, plan.forwarded, plan.client_headers
+        )
+        if reaches_upstream:
+            admission = gate.admit(request.environ, path=plan.target or "", charge=True)
+            state.access = admission.decision
+            gate.enforce_limit(admission)
 
     @bp.after_request
     def add_rate_limit_headers(response: Response) -> Response:
-        """Every answer to a known key says where its limit stands."""
-        rate = request_state.current().rate_limit
-        if rate is not None:
+        """Every answer to a known key says where its limits stand."""
+        access = request_state.current().access
+        if access is not None and access.limits:
             # Appended: no answer carries these names before this point (upstream ones are not
             # passed on), so there is nothing to replace.
-            response.headers.extend(gate.rate_limit_headers(rate))
+            response.headers.extend(access.headers())
         return response
 
     @bp.after_request
@@ -106,6 +121,8 @@ def blueprint(
             raise BadRequest(str(plan.refusal), code="invalid_path")
         method = request.method
         body = _request_body(method)
+        if state.access is not None and state.access.outcome == "deferred":
+            charge_deferred(state, plan)
         with _upstream_errors_as_responses():
             if method in ("GET", "HEAD"):
                 served = cache.fetch(
@@ -149,6 +166,15 @@ def _upstream_errors_as_responses() -> Iterator[None]:
     except UpstreamNotConfigured as exc:
         raise ServiceUnavailable(
             "No upstream is configured (HTTP_CLIENT_BASE_URL).", code=exc.code
+        ) from None
+    except UpstreamRefused as exc:  # held back to spare the upstream; no stored answer stood in
+        raise ApiError(
+            f"The upstream request was not sent: {exc}.",
+            code=f"upstream_{exc.kind}",
+            status=exc.status,
+            headers={"retry-after": str(exc.retry_after_s)},
+            kind=exc.kind,
+            reason=exc.reason,
         ) from None
     except UpstreamError as exc:
         raise BadGateway(

@@ -138,6 +138,30 @@ class ProxyCache:
             return None
         return policy.cache_key(path, query, forwarded, self.settings.proxy_forward_request_headers)
 
+    def answerable(
+        self,
+        key: str | None,
+        prefetched: Prefetched | None,
+        forwarded: Mapping[str, str],
+        client_headers: Sequence[tuple[str, str]],
+    ) -> bool:
+        """Whether a GET/HEAD under ``key`` would be answered from a stored entry (fresh, or
+        stale within its window) without the upstream: for plans whose cache hits are free.
+        A Redis that cannot tell means no."""
+        if key is None:
+            return False
+        try:
+            if prefetched is not None and prefetched.key == key:
+                stored = prefetched.stored()
+            else:
+                stored = self.store.get(key)
+        except RedisUnavailable:
+            return False
+        if stored is None or time.time() >= stored.stale_until:
+            return False
+        entry = HttpEntry.read(stored.value)
+        return entry is not None and entry.matches(forwarded, client_headers)
+
     def fetch(
         self,
         method: str,
@@ -270,8 +294,10 @@ class ProxyCache:
         memory, up to the store limit), else handed over unread to the one caller it is for."""
         if response.status == 304 and stale is not None:
             return self._revalidated(stale, response, request_time, response_time)
-        if response.status >= 500:
-            # A short error body may be shared with the requests waiting on this load.
+        if response.status >= 500 or response.status == 429:
+            # A failure (429: the upstream is overloaded too) lets a stale entry stand in
+            # (stale-if-error). A short error body may be shared with the requests waiting on
+            # this load.
             if response.buffer(policy.MAX_STORED_BODY_BYTES):
                 raise LoadFailed(fallback=response)
             raise LoadFailed(unstored=response)

@@ -85,3 +85,65 @@ def test_through_the_admin_api_with_the_token_from_the_environment(
     )
     assert past.returncode == 1
     assert "expiresAt" in past.stderr
+
+
+def test_plans_patch_and_roll_through_the_admin_api(
+    start_gateway: Callable[..., Gateway], stub: StubUpstream
+) -> None:
+    gateway = start_gateway({"HTTP_CLIENT_BASE_URL": stub.url}, with_key=False)
+    url = ("--url", gateway.url)
+    plan = cli(
+        *url,
+        "plans",
+        "create",
+        "pro",
+        "--limits",
+        '[{"max": 10, "windowSeconds": 1}, {"max": 1000, "windowSeconds": 86400}]',
+        "--quota",
+        '{"max": 5000, "period": "month"}',
+        "--cache-hits-free",
+        token=ADMIN_TOKEN,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert json.loads(plan.stdout)["cacheHitsFree"] is True
+    listed = json.loads(cli(*url, "plans", "list", token=ADMIN_TOKEN).stdout)
+    assert [p["name"] for p in listed["items"]] == ["default", "pro"]
+    created = json.loads(
+        cli(*url, "create", "--owner", "acme", "--plan", "pro", token=ADMIN_TOKEN).stdout
+    )
+    assert created["plan"] == "pro"
+    patched = cli(
+        *url,
+        "patch",
+        created["keyId"],
+        "--label",
+        "renamed",
+        "--metadata",
+        '{"crm": "42"}',
+        "--plan",
+        "null",
+        token=ADMIN_TOKEN,
+    )
+    assert patched.returncode == 0, patched.stderr
+    shown = json.loads(patched.stdout)
+    assert (shown["label"], shown["metadata"], shown["plan"]) == (
+        "renamed",
+        {"crm": "42"},
+        "default",
+    )
+    rolled = cli(*url, "roll", created["keyId"], "--grace-seconds", "60", token=ADMIN_TOKEN)
+    assert rolled.returncode == 0, rolled.stderr
+    assert "shown only now" in rolled.stderr
+    new = json.loads(rolled.stdout)
+    assert new["rolledFrom"] == created["keyId"]
+    assert new["metadata"] == {"crm": "42"}
+    keys = json.loads(cli(*url, "list", "--owner", "acme", token=ADMIN_TOKEN).stdout)["items"]
+    assert {k["keyId"] for k in keys} == {created["keyId"], new["keyId"]}
+    in_use = cli(*url, "plans", "delete", "pro", token=ADMIN_TOKEN)
+    assert in_use.returncode == 0, in_use.stderr  # nobody is on it any more
+    refused = cli(*url, "plans", "show", "pro", token=ADMIN_TOKEN)
+    assert refused.returncode == 1
+    assert "plan_not_found" in refused.stderr
+    needs_url = cli("--redis", "redis://127.0.0.1:1/0", "roll", "x", "--grace-seconds", "1")
+    assert needs_url.returncode == 2
+    assert "use --url" in needs_url.stderr

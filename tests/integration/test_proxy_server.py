@@ -332,7 +332,7 @@ def test_health_follows_redis_down_and_back_without_restart(
         "version": "0123abc",
         "deployment": "run-42.1",
         "redis": {"cache": "up"},
-        "upstream": {"configured": True},
+        "upstream": {"configured": True, "breaker": "off"},
     }
     redis_server.stop()
     try:

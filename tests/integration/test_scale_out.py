@@ -107,3 +107,60 @@ def test_a_stampede_across_both_instances_reaches_upstream_once(
     assert {a.content for a in answers} == {b'{"cold": 1}'}
     assert len(stub.calls("/cold")) == 1
     assert sorted(a.headers["x-cache"] for a in answers).count("MISS") == 1
+
+
+def admin_call(gateway: Gateway, method: str, path: str, body: object) -> requests.Response:
+    return requests.request(method, gateway.url + path, json=body, headers=ADMIN, timeout=10)
+
+
+def test_plans_quotas_and_rolls_are_exact_across_instances(
+    start_gateway: Callable[..., Gateway], stub: StubUpstream
+) -> None:
+    stub.reply("/x", Reply(headers=(("cache-control", "no-store"),)))
+    stub.reply("/c", Reply(headers=(("cache-control", "max-age=600"),)))
+    first, second = two_instances(start_gateway, {"HTTP_CLIENT_BASE_URL": stub.url})
+    both = (first, second)
+    plan = {
+        "name": "pro",
+        "limits": [{"max": 30, "windowSeconds": 3600}, {"max": 25, "windowSeconds": 86400}],
+        "quota": {"max": 20, "period": "day"},
+        "cacheHitsFree": True,
+    }
+    assert admin_call(first, "POST", "/internal/plans", plan).status_code == 201
+    created = first.create_key(ADMIN_TOKEN, plan="pro")
+    key = created["apiKey"]
+
+    # Cache hits are free on both instances: 60 of them cost nothing.
+    assert get(first, "/api/v1/c", key).headers["x-cache"] == "MISS"  # 1 charged
+    hits = in_parallel(spread(both, 60, "/api/v1/c", key))
+    assert {a.status_code for a in hits} == {200}
+    assert {a.headers["x-cache"] for a in hits} == {"HIT"}
+    # The quota (20 a day, tighter than both limits) holds exactly across both instances.
+    answers = in_parallel(spread(both, 40, "/api/v1/x", key))
+    statuses = [a.status_code for a in answers]
+    assert statuses.count(200) == 19
+    assert {a.json()["error"] for a in answers if a.status_code == 429} == {"quota_exceeded"}
+    assert len(stub.calls("/x")) == 19
+
+    # A plan change made on one instance is applied by the other at its next request.
+    plan["quota"] = {"max": 30, "period": "day"}
+    changed = admin_call(
+        first, "PUT", "/internal/plans/pro", {k: v for k, v in plan.items() if k != "name"}
+    )
+    assert changed.status_code == 200
+    answers = in_parallel(spread(both, 20, "/api/v1/x", key))
+    statuses = [a.status_code for a in answers]
+    # 10 more of the quota; then the daily limit of 25 is what is left at 25 - 20 = 5.
+    assert statuses.count(200) == 5
+    refused = {a.json()["error"] for a in answers if a.status_code == 429}
+    assert refused == {"rate_limited"}
+
+    # A roll on one instance: the old key keeps working on both through the grace period,
+    # and the new one has limits of its own.
+    rolled = admin_call(
+        second, "POST", f"/internal/api-keys/{created['keyId']}/roll", {"gracePeriodSeconds": 600}
+    ).json()
+    new_key = rolled["apiKey"]
+    fresh = in_parallel(spread(both, 30, "/api/v1/x", new_key))
+    assert [a.status_code for a in fresh].count(200) == 25
+    assert [get(gw, "/api/v1/c", key).status_code for gw in both] == [200, 200]

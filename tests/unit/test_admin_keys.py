@@ -70,7 +70,7 @@ def test_invalid_bodies_get_400_naming_each_field(
     body = response.get_json()
     assert body["error"] == "validation_failed"
     assert set(body["fields"]) == bad_fields
-    assert admin.get("/internal/api-keys").get_json() == {"items": []}
+    assert admin.get("/internal/api-keys").get_json() == {"items": [], "nextCursor": None}
 
 
 @pytest.mark.parametrize("data", [b"not json", b"[1, 2]", b'"owner"'])
@@ -118,7 +118,7 @@ def test_admin_routes_refuse_a_wrong_token_and_change_nothing(
     )
     assert response.status_code == 401
     listed = client.get("/internal/api-keys", headers=AUTH).get_json()
-    assert listed == {"items": []}
+    assert listed == {"items": [], "nextCursor": None}
 
 
 def test_repeated_wrong_tokens_are_throttled_but_the_right_token_still_works(app: Flask) -> None:

@@ -38,3 +38,20 @@ def test_served_throughout_when_none_failed() -> None:
 
 def test_a_503_counts_as_not_served() -> None:
     assert _served_for([(0.0, "503")]) == (0.0, False)
+
+
+def test_established_sockets_counts_both_ends_of_loopback_connections() -> None:
+    import socket
+
+    from bench.scenarios import established_sockets
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        assert established_sockets(port) == (0, 0)
+        clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        accepted = [server.accept()[0] for _ in clients]
+        try:
+            assert established_sockets(port) == (3, 3)
+        finally:
+            for sock in [*clients, *accepted]:
+                sock.close()

@@ -20,7 +20,7 @@ def test_health_reports_ok_version_and_redis(client: FlaskClient) -> None:
         "version": "dev",
         "deployment": None,
         "redis": {"cache": "up"},
-        "upstream": {"configured": True},
+        "upstream": {"configured": True, "breaker": "off"},
     }
     assert response.headers["cache-control"] == "no-store"
 

@@ -72,6 +72,16 @@ def test_record_json_has_metadata_never_the_hash(registry: KeyRegistry) -> None:
         "expiresAt": "2031-01-02T03:04:05Z",
         "revoked": False,
         "revokedAt": None,
+        "status": "active",
+        "plan": "default",
+        "limits": None,
+        "quota": None,
+        "metadata": None,
+        "scopes": None,
+        "allowedIps": None,
+        "lastUsedAt": None,
+        "rolledTo": None,
+        "rolledFrom": None,
     }
     assert registry.get(record.key_id) == record
 

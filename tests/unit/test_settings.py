@@ -5,7 +5,13 @@ from pathlib import Path
 
 import pytest
 
-from proxy_app.settings import Settings, SettingsError, from_environment, load_settings
+from proxy_app.settings import (
+    Settings,
+    SettingsError,
+    from_environment,
+    load_settings,
+    parse_sentinel_url,
+)
 
 
 def test_defaults_match_the_documented_table() -> None:
@@ -96,6 +102,10 @@ def test_empty_values_mean_the_default() -> None:
         ("PROXY_RESPONSE_LIMIT", "10MB", "not an integer"),
         ("CACHE_REDIS_URL", "http://localhost:6379", "redis://"),
         ("CACHE_REDIS_URL", "redis://host:notaport/0", "invalid port"),
+        ("CACHE_REDIS_URL", "redis+sentinel://s1:26379,s2:26379", "name the master"),
+        ("CACHE_REDIS_URL", "redis+sentinel://s1:26379,s 2/main/0", "invalid sentinel address"),
+        ("CACHE_REDIS_URL", "redis+sentinel://s1:70000/main/0", "invalid port"),
+        ("CACHE_REDIS_URL", "redis+sentinel://s1/main/0?ssl=1", "query string"),
         ("CACHE_TTL_DEFAULT", "-1", "seconds"),
         ("CACHE_STALE_TTL", "x", "not an integer"),
         ("CACHE_IGNORE_UPSTREAM_CONTROL", "maybe", "not a boolean"),
@@ -165,6 +175,7 @@ def test_dotenv_fills_in_and_the_real_environment_wins(
         ("HTTP_CLIENT_BASE_URL", "https://svc:Sup3rSecret@api.example.com", "Sup3rSecret"),
         ("CACHE_REDIS_URL", "redis://:R3disPass@redis:63x9/0", "R3disPass"),
         ("API_KEYS_REDIS_URL", "http://user:K3ysPass@redis:6379", "K3ysPass"),
+        ("CACHE_REDIS_URL", "redis+sentinel://:S3ntPass@s1,s2", "S3ntPass"),
     ],
 )
 def test_credentials_in_bad_urls_are_masked_in_the_error(
@@ -307,3 +318,18 @@ def test_a_malformed_cors_origin_stops_start_up(value: str) -> None:
         load_settings({"CORS_ALLOWED_ORIGINS": value})
     (line,) = caught.value.problems
     assert line.startswith("CORS_ALLOWED_ORIGINS=")
+
+
+def test_a_sentinel_url_names_every_sentinel_the_master_and_the_database() -> None:
+    url = "redis+sentinel://:p%40ss@10.0.0.1:26379,sentinel-b,[fd00::3]:26380/gateway/2"
+    settings = load_settings({"CACHE_REDIS_URL": url})
+    assert settings.api_keys_redis_url == url
+    assert settings.masked()["cache_redis_url"] == (
+        "redis+sentinel://:***@10.0.0.1:26379,sentinel-b,[fd00::3]:26380/gateway/2"
+    )
+    parsed = parse_sentinel_url(url)
+    assert parsed.sentinels == (("10.0.0.1", 26379), ("sentinel-b", 26379), ("fd00::3", 26380))
+    assert parsed.master_name == "gateway"
+    assert parsed.db == 2
+    assert parsed.password == "p@ss"
+    assert parse_sentinel_url("redis+sentinel://s1/gateway").db == 0
