@@ -22,7 +22,14 @@ def create_app(settings: Settings | None = None) -> Flask:
     from proxy_app.access.keys import KeyRegistry
     from proxy_app.access.ratelimit import RateLimitPolicy
     from proxy_app.background import background_spawner
-    from proxy_app.blueprints import admin_cache, admin_keys, admin_metrics, health, proxy
+    from proxy_app.blueprints import (
+        admin_cache,
+        admin_keys,
+        admin_metrics,
+        admin_openapi,
+        health,
+        proxy,
+    )
     from proxy_app.cache.http import ProxyCache
     from proxy_app.cache.store import CacheService
     from proxy_app.errors import register_error_handlers
@@ -94,4 +101,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(admin_metrics.bp)
     app.register_blueprint(admin_keys.bp)
     app.register_blueprint(admin_cache.bp)
+    app.register_blueprint(admin_openapi.bp)
     return app
