@@ -76,8 +76,10 @@ class OpenApiDocument:
         lowered = {name.lower(): value for name, value in headers.items()}
         for name, header in response.get("headers", {}).items():
             header, _ = self._resolve(header, "")
-            if header.get("required"):
-                assert name.lower() in lowered, f"{method} {path} {status}: no {name} header"
+            if name.lower() in lowered:
+                jsonschema.Draft202012Validator(header["schema"]).validate(lowered[name.lower()])
+            else:
+                assert not header.get("required"), f"{method} {path} {status}: no {name} header"
         media_type = content_type.split(";")[0].strip()
         content = response.get("content", {})
         assert media_type in content, (

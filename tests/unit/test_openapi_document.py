@@ -236,5 +236,24 @@ def test_a_field_the_document_does_not_know_fails_validation(
     )
     with pytest.raises(jsonschema.ValidationError, match="plan"):
         document.validate_response(
-            "/internal/api-keys", "GET", 200, "application/json", json.dumps(listed).encode(), {}
+            "/internal/api-keys",
+            "GET",
+            200,
+            "application/json",
+            json.dumps(listed).encode(),
+            {"cache-control": "no-store"},
+        )
+
+
+def test_a_validation_error_that_names_no_field_fails_validation(
+    admin: FlaskClient, document: OpenApiDocument
+) -> None:
+    answer = admin.post("/internal/api-keys", json={})
+    assert answer.status_code == 400
+    body = answer.get_json()
+    assert body["fields"] == {"owner": ["Missing data for required field."]}
+    del body["fields"]
+    with pytest.raises(jsonschema.ValidationError, match="fields"):
+        document.validate_response(
+            "/internal/api-keys", "POST", 400, "application/json", json.dumps(body).encode(), {}
         )
