@@ -11,7 +11,8 @@
 # debootstrap base (cached between runs), runs it read-only as non-root next to
 # a redis-server and a stub upstream on free loopback ports, waits for the image
 # HEALTHCHECK, checks /health (version = build arg), a proxied request with a key
-# made through the admin API (and 401 without it), and that SIGTERM exits 0.
+# made through the admin API (and 401 without it), the admin API's OpenAPI document
+# (served with the token, 401 without), and that SIGTERM exits 0.
 #
 # Tunables: LOCAL_BASE_IMAGE, CHECK_IMAGE, CHECK_TIMEOUT_S (default 120).
 # Image vulnerability scans (Trivy) and pip-audit need databases this network
