@@ -57,7 +57,13 @@ def test_every_documented_path_lies_under_internal(document: OpenApiDocument) ->
     assert all(path.startswith("/internal/") for path in document.document["paths"])
 
 
-def test_every_schema_in_the_document_is_valid_json_schema(document: OpenApiDocument) -> None:
+def test_the_document_is_valid_openapi_3_1_with_valid_json_schemas(
+    document: OpenApiDocument,
+) -> None:
+    # The OpenAPI 3.1 meta-schema as schemathesis (a pinned development requirement) ships it.
+    from schemathesis.specs.openapi.definitions import OPENAPI_31
+
+    jsonschema.Draft202012Validator(OPENAPI_31).validate(document.document)
     assert document.document["openapi"].startswith("3.1.")
     for schema in document.document["components"]["schemas"].values():
         jsonschema.Draft202012Validator.check_schema(schema)
