@@ -1,5 +1,5 @@
 """The bearer-token check in front of every ``/internal/**`` route, with throttling of clients
-that keep presenting wrong tokens (a correct token is never throttled)."""
+that keep presenting wrong tokens (a correct token, or none, is never throttled)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ def require_admin_token() -> None:
         and hmac.compare_digest(presented.strip().encode(), expected.encode())
     ):
         return
-    failures = _count_failure()
+    # Only a presented token is a guess worth throttling: a request without credentials is
+    # always told plainly that it needs them.
+    failures = _count_failure() if "authorization" in request.headers else 0
     audit("admin.auth", "denied", failures=failures)
     if failures > FAILURES_ALLOWED:
         raise TooManyRequests(

@@ -107,7 +107,15 @@ class KeyFieldsSchema(Schema):
 
     @validates("expiresAt")
     def _in_the_future(self, value: dt.datetime | None, **_: object) -> None:
-        if isinstance(value, dt.datetime) and value <= dt.datetime.now(dt.UTC):
+        if value is None:
+            return
+        try:
+            in_utc = value.astimezone(dt.UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 lies after the year 9999 in UTC
+            raise ValidationError(
+                "Out of range: must lie within the years 1 to 9999 in UTC."
+            ) from None
+        if in_utc <= dt.datetime.now(dt.UTC):
             raise ValidationError("Must be in the future.")
 
 

@@ -59,6 +59,8 @@ def test_create_returns_the_raw_key_once_and_list_never_shows_it(
         ({"owner": "a", "expiresAt": "2001-01-01T00:00:00Z"}, {"expiresAt"}),
         ({"owner": "a", "role": "admin"}, {"role"}),
         ({"owner": 5, "label": 7}, {"owner", "label"}),
+        ({"owner": "\ud800"}, {"owner"}),
+        ({"owner": "a", "expiresAt": "9999-12-31T23:59:59-05:00"}, {"expiresAt"}),
     ],
 )
 def test_invalid_bodies_get_400_naming_each_field(
@@ -129,3 +131,9 @@ def test_repeated_wrong_tokens_are_throttled_but_the_right_token_still_works(app
     assert statuses[:FAILURES_ALLOWED] == [401] * FAILURES_ALLOWED
     assert statuses[-1] == 429
     assert client.get("/internal/api-keys", headers=AUTH).status_code == 200
+
+
+def test_requests_without_a_token_are_told_401_however_many(app: Flask) -> None:
+    client = app.test_client()
+    statuses = {client.get("/internal/api-keys").status_code for _ in range(FAILURES_ALLOWED + 2)}
+    assert statuses == {401}
