@@ -26,6 +26,21 @@ class JsonBoolean(fields.Boolean):
         return value
 
 
+class JsonInteger(fields.Integer):
+    """A JSON integer: ``3`` or ``3.0`` (JSON, and JSON Schema's ``integer``, do not tell them
+    apart), never ``true``, ``"3"`` or ``3.5``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(strict=True, **kwargs)
+
+    def _deserialize(
+        self, value: Any, attr: str | None, data: Mapping[str, Any] | None, **kwargs: Any
+    ) -> int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return super()._deserialize(value, attr, data, **kwargs)
+
+
 def load_json_body(schema: Schema) -> dict[str, Any]:
     if not request.is_json:
         raise BadRequest(
