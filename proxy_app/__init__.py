@@ -28,6 +28,7 @@ def create_app(settings: Settings | None = None) -> Flask:
         admin_cache,
         admin_keys,
         admin_metrics,
+        admin_openapi,
         admin_plans,
         health,
         proxy,
@@ -122,4 +123,5 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(admin_keys.bp)
     app.register_blueprint(admin_plans.bp)
     app.register_blueprint(admin_cache.bp)
+    app.register_blueprint(admin_openapi.bp)
     return app

@@ -1,5 +1,5 @@
 """The bearer-token check in front of every ``/internal/**`` route, with throttling of clients
-that keep presenting wrong tokens (a correct token is never throttled)."""
+that keep presenting wrong tokens (a correct token, or none, is never throttled)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from proxy_app.audit import audit
 from proxy_app.errors import TooManyRequests, Unauthorized
 from proxy_app.redis import RedisUnavailable
 
-# Wrong tokens one client may present per window before it gets 429 instead of 401.
+# Wrong tokens one client may present per window before it gets 429 instead of 401 (the default
+# of ADMIN_AUTH_MAX_FAILURES).
 FAILURES_ALLOWED = 10
 FAILURE_WINDOW_S = 60
 _CHALLENGE = {"www-authenticate": 'Bearer realm="internal"'}
@@ -29,9 +30,11 @@ def require_admin_token() -> None:
         and hmac.compare_digest(presented.strip().encode(), expected.encode())
     ):
         return
-    failures = _count_failure()
+    # Only a presented token is a guess worth throttling: a request without credentials is
+    # always told plainly that it needs them.
+    failures = _count_failure() if "authorization" in request.headers else 0
     audit("admin.auth", "denied", failures=failures)
-    if failures > FAILURES_ALLOWED:
+    if failures > services.settings().admin_auth_max_failures:
         raise TooManyRequests(
             "Too many requests with a wrong admin token; wait before trying again.",
             code="too_many_auth_failures",

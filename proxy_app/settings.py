@@ -99,6 +99,7 @@ class Settings:
     outage_share: int = 1  # workers x replicas sharing the traffic, for grace's local limits
     redis_timeout_ms: int = 250
     admin_api_token: str = _secret()
+    admin_auth_max_failures: int = 10
     version: str = "dev"
     deployment_id: str | None = None
     # Set by the entry point, not by the environment: where workers write their metric samples.
@@ -448,6 +449,9 @@ class _SettingsSchema(Schema):
         "REDIS_TIMEOUT_MS", "milliseconds, an integer from 1 to 10000", 1, 10_000
     )
     admin_api_token = _str("ADMIN_API_TOKEN", "any string")
+    admin_auth_max_failures = _int(
+        "ADMIN_AUTH_MAX_FAILURES", "an integer from 1 to 1000000", 1, 1_000_000
+    )
     version = _str("GIT_SHA", "a version string", validate.Length(min=1, max=80))
     deployment_id = _str(
         "DEPLOY_ID",

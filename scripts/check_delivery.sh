@@ -11,7 +11,8 @@
 # debootstrap base (cached between runs), runs it read-only as non-root next to
 # a redis-server and a stub upstream on free loopback ports, waits for the image
 # HEALTHCHECK, checks /health (version = build arg), a proxied request with a key
-# made through the admin API (and 401 without it), and that SIGTERM exits 0.
+# made through the admin API (and 401 without it), the admin API's OpenAPI document
+# (served with the token, 401 without), and that SIGTERM exits 0.
 #
 # Tunables: LOCAL_BASE_IMAGE, CHECK_IMAGE, CHECK_TIMEOUT_S (default 120).
 # Image vulnerability scans (Trivy) and pip-audit need databases this network
@@ -338,6 +339,17 @@ check_proxied_request() {
   [ "$HTTP_STATUS" = "401" ] || return 1
 }
 
+check_openapi_document() {
+  local base="http://127.0.0.1:$APP_PORT"
+  http GET "$base/internal/openapi.json" -H "authorization: Bearer $ADMIN_TOKEN"
+  echo "GET /internal/openapi.json -> $HTTP_STATUS openapi=$(json_field "$HTTP_BODY" openapi) (want 200 3.1.x)"
+  [ "$HTTP_STATUS" = "200" ] || return 1
+  case "$(json_field "$HTTP_BODY" openapi)" in 3.1.*) ;; *) return 1 ;; esac
+  http GET "$base/internal/openapi.json"
+  echo "GET /internal/openapi.json without the token -> $HTTP_STATUS (want 401)"
+  [ "$HTTP_STATUS" = "401" ]
+}
+
 check_sigterm_stop() {
   local code
   timeout 60 podman stop --time 30 "$CONTAINER" >/dev/null 2>>"$WORK_DIR/podman.log" || return 1
@@ -363,6 +375,7 @@ container_checks() {
   run_check "wait for HEALTHCHECK healthy" wait_healthy
   run_check "/health/live, /health/ready, /health version = build arg" check_health_endpoints
   run_check "proxied request through /api/v1" check_proxied_request
+  run_check "the admin API's OpenAPI document is served" check_openapi_document
   run_check "SIGTERM stops with exit code 0" check_sigterm_stop
 }
 

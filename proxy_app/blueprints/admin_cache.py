@@ -20,7 +20,7 @@ from proxy_app.forwarding import (
 )
 from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response
-from proxy_app.validation import load_json_body
+from proxy_app.validation import JsonBoolean, load_json_body
 
 bp = Blueprint("admin_cache", __name__, url_prefix="/internal/cache")
 bp.before_request(require_admin_token)
@@ -39,11 +39,14 @@ class InvalidateSchema(Schema):
         unknown = RAISE
 
     scope = fields.String(required=True, validate=validate.OneOf(["exact", "prefix", "all"]))
-    path = fields.String(load_default=None, validate=_PATH)
-    pathPrefix = fields.String(load_default=None, validate=_PATH)
-    strict = fields.Boolean(load_default=False)
-    headers = fields.Dict(keys=fields.String(), values=fields.String(), load_default=None)
-    dryRun = fields.Boolean(load_default=False)
+    # Absent means None; an explicit null is refused like any other wrong type.
+    path = fields.String(load_default=None, allow_none=False, validate=_PATH)
+    pathPrefix = fields.String(load_default=None, allow_none=False, validate=_PATH)
+    strict = JsonBoolean(load_default=False)
+    headers = fields.Dict(
+        keys=fields.String(), values=fields.String(), load_default=None, allow_none=False
+    )
+    dryRun = JsonBoolean(load_default=False)
 
     @validates_schema
     def _consistent(self, data: dict[str, Any], **_: object) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,7 @@ from proxy_app.blueprints.admin_plans import PLAN_NAME, QuotaSchema, limits_fiel
 from proxy_app.errors import BadRequest, Conflict, NotFound, RedisOutage, answer_redis_outages
 from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response as _json
-from proxy_app.validation import load_json_body
+from proxy_app.validation import JsonInteger, load_json_body
 
 bp = Blueprint("admin_keys", __name__, url_prefix="/internal/api-keys")
 bp.before_request(require_admin_token)
@@ -35,6 +36,10 @@ METADATA_MAX_BYTES = 2048
 MAX_GRACE_S = 30 * 86_400
 PAGE_MAX = 500
 STATUSES = ("active", "revoked", "expired")
+_LIMIT_TEXT = re.compile(r"[0-9]{1,4}")
+# SSCAN's cursor and an offset into its batch. 19 digits stay below 2**64, where Redis refuses a
+# cursor; SSCAN's cursors never grow beyond the size of the set's table.
+_CURSOR = re.compile(r"[0-9]{1,19}(?::[0-9]{1,9})?")
 
 
 class ScopesSchema(Schema):
@@ -50,7 +55,7 @@ class ScopesSchema(Schema):
         fields.String(
             validate=[
                 validate.Length(1, 200),
-                validate.Regexp(r"^/[^\s]*$", error="A path under /api/v1 starting with '/'."),
+                validate.Regexp(r"^/\S*\Z", error="A path under /api/v1 starting with '/'."),
             ]
         ),
         load_default=list,
@@ -69,10 +74,19 @@ def _network(value: str) -> None:
         ipaddress.ip_network(value, strict=False)
     except ValueError:
         raise ValidationError("Not an IP address or CIDR network.") from None
+    if "%" in value:  # an IPv6 scope (fe80::1%eth0) names an interface of this host only
+        raise ValidationError("Not an IP address or CIDR network: no IPv6 scope (%...).")
 
 
 def _small_object(value: dict[str, Any]) -> None:
-    if len(orjson.dumps(value)) > METADATA_MAX_BYTES:
+    try:
+        size = len(orjson.dumps(value))
+    except orjson.JSONEncodeError:
+        # Integers beyond 64 bits, or nesting deeper than 255 levels, cannot be shown back.
+        raise ValidationError(
+            "Not storable: numbers must fit in 64 bits and nesting stay within 255 levels."
+        ) from None
+    if size > METADATA_MAX_BYTES:
         raise ValidationError(f"At most {METADATA_MAX_BYTES} bytes of JSON.")
 
 
@@ -111,7 +125,15 @@ class KeyFieldsSchema(Schema):
 
     @validates("expiresAt")
     def _in_the_future(self, value: dt.datetime | None, **_: object) -> None:
-        if isinstance(value, dt.datetime) and value <= dt.datetime.now(dt.UTC):
+        if not isinstance(value, dt.datetime):  # None, or left out of a change (UNSET)
+            return
+        try:
+            in_utc = value.astimezone(dt.UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-05:00 lies after the year 9999 in UTC
+            raise ValidationError(
+                "Out of range: must lie within the years 1 to 9999 in UTC."
+            ) from None
+        if in_utc <= dt.datetime.now(dt.UTC):
             raise ValidationError("Must be in the future.")
 
 
@@ -134,9 +156,7 @@ class RollSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    gracePeriodSeconds = fields.Integer(
-        required=True, strict=True, validate=validate.Range(0, MAX_GRACE_S)
-    )
+    gracePeriodSeconds = JsonInteger(required=True, validate=validate.Range(0, MAX_GRACE_S))
 
 
 _CREATE = CreateKeySchema()
@@ -199,15 +219,15 @@ def list_keys() -> Response:
     query = request.args
     problems: dict[str, list[str]] = {}
     limit_text = query.get("limit", "100")
-    limit = int(limit_text) if limit_text.isdigit() else 0
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses.
+    limit = int(limit_text) if _LIMIT_TEXT.fullmatch(limit_text) else 0
     if not 1 <= limit <= PAGE_MAX:
         problems["limit"] = [f"An integer from 1 to {PAGE_MAX}."]
-    status = query.get("status") or None
+    status = query.get("status")  # given, it must be one of them: '' is not
     if status is not None and status not in STATUSES:
         problems["status"] = [f"One of: {', '.join(STATUSES)}."]
-    cursor = query.get("cursor") or "0"
-    scan, _, offset = cursor.partition(":")
-    if not scan.isdigit() or (offset and not offset.isdigit()):
+    cursor = query.get("cursor", "0")
+    if not _CURSOR.fullmatch(cursor):
         problems["cursor"] = ["Not a cursor this API gave out (nextCursor)."]
     unknown = sorted(set(query) - {"limit", "status", "cursor", "owner", "plan"})
     for name in unknown:
@@ -246,7 +266,7 @@ def patch(key_id: str) -> Response:
         raise BadRequest(
             "Nothing to change: send at least one of " + ", ".join(_FIELD_NAMES) + ".",
             code="validation_failed",
-            fields={},
+            fields={"_schema": ["Send at least one of: " + ", ".join(_FIELD_NAMES) + "."]},
         )
     try:
         record = services.key_registry().update(key_id, **changes)

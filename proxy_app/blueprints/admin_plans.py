@@ -32,7 +32,7 @@ from proxy_app.audit import audit
 from proxy_app.errors import Conflict, NotFound, RedisOutage, answer_redis_outages
 from proxy_app.redis import RedisUnavailable
 from proxy_app.responses import json_response as _json
-from proxy_app.validation import load_json_body
+from proxy_app.validation import JsonBoolean, JsonInteger, load_json_body
 
 bp = Blueprint("admin_plans", __name__, url_prefix="/internal/plans")
 bp.before_request(require_admin_token)
@@ -42,7 +42,7 @@ answer_redis_outages(
 )
 
 PLAN_NAME = validate.Regexp(
-    r"^[a-z0-9][a-z0-9_-]{0,62}$",
+    r"^[a-z0-9][a-z0-9_-]{0,62}\Z",  # \Z: '$' would also let a trailing newline through
     error="1 to 63 lower-case letters, digits, '-' or '_', starting with a letter or digit.",
 )
 MAX_LIMITS = 10
@@ -53,10 +53,8 @@ class LimitSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    max = fields.Integer(required=True, strict=True, validate=validate.Range(1, 1_000_000_000))
-    windowSeconds = fields.Integer(
-        required=True, strict=True, validate=validate.Range(1, MAX_WINDOW_S)
-    )
+    max = JsonInteger(required=True, validate=validate.Range(1, 1_000_000_000))
+    windowSeconds = JsonInteger(required=True, validate=validate.Range(1, MAX_WINDOW_S))
 
     @validates_schema
     def _countable(self, data: dict[str, int], **_: object) -> None:
@@ -74,7 +72,7 @@ class QuotaSchema(Schema):
     class Meta:
         unknown = RAISE
 
-    max = fields.Integer(required=True, strict=True, validate=validate.Range(1, 1_000_000_000_000))
+    max = JsonInteger(required=True, validate=validate.Range(1, 1_000_000_000_000))
     period = fields.String(required=True, validate=validate.OneOf(QUOTA_PERIODS))
 
     @post_load
@@ -103,8 +101,8 @@ class PlanBodySchema(Schema):
 
     limits = limits_field(required=True)
     quota = fields.Nested(QuotaSchema, load_default=None, allow_none=True)
-    cacheHitsFree = fields.Boolean(load_default=False)
-    shareByOwner = fields.Boolean(load_default=False)
+    cacheHitsFree = JsonBoolean(load_default=False)
+    shareByOwner = JsonBoolean(load_default=False)
 
 
 class CreatePlanSchema(PlanBodySchema):

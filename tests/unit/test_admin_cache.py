@@ -120,6 +120,11 @@ def test_dry_run_counts_and_deletes_nothing(admin: FlaskClient, fake: fakeredis.
         ({"scope": "all", "strict": True}, {"strict"}),
         ({"scope": "all", "dryRun": "perhaps"}, {"dryRun"}),
         ({"scope": "all", "extra": 1}, {"extra"}),
+        ({"scope": "all", "dryRun": 1}, {"dryRun"}),
+        ({"scope": "exact", "path": "/a", "strict": "true"}, {"strict"}),
+        ({"scope": "all", "path": None, "headers": None}, {"path", "headers"}),
+        ({"scope": "exact", "path": "/a", "strict": True, "headers": {"a": "\udc00"}}, {"headers"}),
+        ({"scope": "prefix", "pathPrefix": "/\ud800"}, {"pathPrefix"}),
     ],
 )
 def test_invalid_bodies_get_400_naming_each_field(

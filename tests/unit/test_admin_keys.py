@@ -8,7 +8,7 @@ from flask.testing import FlaskClient
 
 from proxy_app.admin_auth import FAILURES_ALLOWED
 from proxy_app.redis import RedisUnavailable
-from tests.support.app import ADMIN_TOKEN
+from tests.support.app import ADMIN_TOKEN, fake_redis_app
 
 AUTH = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -60,6 +60,8 @@ def test_create_returns_the_raw_key_once_and_list_never_shows_it(
         ({"owner": "a", "expiresAt": "2001-01-01T00:00:00Z"}, {"expiresAt"}),
         ({"owner": "a", "role": "admin"}, {"role"}),
         ({"owner": 5, "label": 7}, {"owner", "label"}),
+        ({"owner": "\ud800"}, {"owner"}),
+        ({"owner": "a", "expiresAt": "9999-12-31T23:59:59-05:00"}, {"expiresAt"}),
     ],
 )
 def test_invalid_bodies_get_400_naming_each_field(
@@ -153,3 +155,93 @@ def test_redis_unavailable_gives_503_and_changes_nothing(
     body = response.get_json()
     assert (response.status_code, body["error"]) == (503, "keys_unavailable")
     assert body["message"] == "The key store (Redis) is unavailable; nothing was changed."
+
+
+def test_the_number_of_wrong_tokens_allowed_is_a_setting() -> None:
+    client = fake_redis_app(admin_auth_max_failures=2).test_client()
+    statuses = [
+        client.get("/internal/api-keys", headers={"authorization": "Bearer wrong"}).status_code
+        for _ in range(3)
+    ]
+    assert statuses == [401, 401, 429]
+    assert client.get("/internal/api-keys", headers=AUTH).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        ("limit=%C2%B2", "limit"),  # '²' is a digit to str.isdigit(), not to int()
+        ("cursor=%C2%B2", "cursor"),
+        ("cursor=1%3A%C2%B2", "cursor"),
+        ("cursor=18446744073709551616", "cursor"),  # beyond 64 bits: Redis refuses it
+        ("cursor=", "cursor"),
+        ("status=", "status"),
+    ],
+)
+def test_key_list_parameters_that_are_not_valid_get_400_naming_them(
+    admin: FlaskClient, query: str, field: str
+) -> None:
+    answer = admin.get(f"/internal/api-keys?{query}")
+    assert answer.status_code == 400
+    assert list(answer.get_json()["fields"]) == [field]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"metadata": {"n": 2**64}}, "metadata"),  # cannot be shown back as JSON
+        ({"allowedIps": ["fe80::1%eth0"]}, "allowedIps"),
+        ({"scopes": {"pathPrefixes": ["/items\n"]}}, "scopes"),
+        ({"plan": "gold\n"}, "plan"),
+    ],
+)
+def test_key_fields_that_cannot_be_kept_get_400_naming_them(
+    admin: FlaskClient, body: dict[str, object], field: str
+) -> None:
+    created = admin.post("/internal/api-keys", json={"owner": "acme", **body})
+    assert created.status_code == 400
+    assert list(created.get_json()["fields"]) == [field]
+    key_id = admin.post("/internal/api-keys", json={"owner": "acme"}).get_json()["keyId"]
+    patched = admin.patch(f"/internal/api-keys/{key_id}", json=body)
+    assert patched.status_code == 400
+    assert list(patched.get_json()["fields"]) == [field]
+
+
+def test_a_change_without_expires_at_leaves_it_and_an_empty_change_names_the_body(
+    admin: FlaskClient,
+) -> None:
+    created = admin.post("/internal/api-keys", json={"owner": "acme", "expiresAt": "2099-01-01"})
+    key_id = created.get_json()["keyId"]
+    patched = admin.patch(f"/internal/api-keys/{key_id}", json={"label": "ci"})
+    assert patched.status_code == 200
+    assert patched.get_json()["expiresAt"] == "2099-01-01T00:00:00Z"
+    assert patched.get_json()["label"] == "ci"
+    empty = admin.patch(f"/internal/api-keys/{key_id}", json={})
+    assert empty.status_code == 400
+    assert list(empty.get_json()["fields"]) == ["_schema"]
+
+
+def test_integers_may_be_written_with_a_zero_fraction_and_flags_only_as_booleans(
+    admin: FlaskClient,
+) -> None:
+    plan = {"name": "gold", "limits": [{"max": 10.0, "windowSeconds": 1}]}
+    created = admin.post("/internal/plans", json=plan)
+    assert created.status_code == 201
+    assert created.get_json()["limits"] == [{"max": 10, "windowSeconds": 1}]
+    half = admin.post(
+        "/internal/plans",
+        json={**plan, "name": "half", "limits": [{"max": 1.5, "windowSeconds": 1}]},
+    )
+    assert half.status_code == 400
+    flag = admin.post("/internal/plans", json={**plan, "name": "flag", "cacheHitsFree": 1})
+    assert flag.status_code == 400
+    assert list(flag.get_json()["fields"]) == ["cacheHitsFree"]
+    key_id = admin.post("/internal/api-keys", json={"owner": "acme"}).get_json()["keyId"]
+    rolled = admin.post(f"/internal/api-keys/{key_id}/roll", json={"gracePeriodSeconds": 60.0})
+    assert rolled.status_code == 201
+
+
+def test_requests_without_a_token_are_told_401_however_many(app: Flask) -> None:
+    client = app.test_client()
+    statuses = {client.get("/internal/api-keys").status_code for _ in range(FAILURES_ALLOWED + 2)}
+    assert statuses == {401}
