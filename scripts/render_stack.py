@@ -18,6 +18,7 @@ of it), which scripts/deploy_quantum.py creates.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import os
 import re
@@ -175,6 +176,15 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("REDIS_MEMORY_RESERVATION", default="128M", validate=_pattern(MEMORY, "like 128M")),
     Variable("REDIS_MAXMEMORY", default="256mb", validate=_pattern(REDIS_MEMORY, "like 256mb")),
     Variable("REDIS_EVICTION_POLICY", default="volatile-lru", validate=_eviction),
+    # "single": one Redis (the template's); "sentinel": a master, a replica and three
+    # sentinels, the app pointed at the sentinels (see sentinel_redis).
+    Variable("REDIS_MODE", default="single", validate=_choice("single", "sentinel")),
+    Variable(
+        "REDIS_REPLICA_PLACEMENT_CONSTRAINT",
+        validate=_pattern(PLACEMENT, "a node pin such as node.labels.redis-replica == true"),
+        help="with REDIS_MODE=sentinel: pins the replica to the node that holds its volume",
+    ),
+    Variable("REDIS_SENTINEL_DOWN_AFTER_MS", default="5000", validate=_int_range(1000, 60000)),
     # Redis' volume is local to one node: Redis must stay on that node, or it starts empty
     # elsewhere and every API key is gone. No default that pins nothing.
     Variable(
@@ -251,6 +261,13 @@ def resolve(environ: Mapping[str, str]) -> dict[str, str | None]:
         match = IMAGE_REF.match(image)
         tag = match.group("tag") if match else None
         values["APP_VERSION"] = tag if tag and SHA40.match(tag) else "unknown"
+    if values.get("REDIS_MODE") == "sentinel" and not values.get(
+        "REDIS_REPLICA_PLACEMENT_CONSTRAINT"
+    ):
+        problems.append(
+            "REDIS_REPLICA_PLACEMENT_CONSTRAINT: required with REDIS_MODE=sentinel (pins the "
+            "replica to the node that holds its volume; another node than the master's)"
+        )
     if problems:
         raise RenderError(problems)
     stack = values["QUANTUM_STACK"]
@@ -368,10 +385,94 @@ def render(template_text: str, values: Mapping[str, str | None]) -> dict[str, ob
     rendered = _render_node(document, values)
     assert isinstance(rendered, dict)
     _drop_unset_secrets(rendered, values)
+    if values.get("REDIS_MODE") == "sentinel":
+        sentinel_redis(rendered, values)
     leftover = PLACEHOLDER.findall(yaml.safe_dump(rendered).replace("$${", ""))
     if leftover:
         raise RenderError([f"{name}: placeholder left unrendered" for name in sorted(leftover)])
     return rendered
+
+
+SENTINEL_MASTER = "gateway"
+SENTINELS = ("sentinel-1", "sentinel-2", "sentinel-3")
+SENTINEL_PORT = 26379
+
+
+def sentinel_redis(document: dict[object, object], values: Mapping[str, str | None]) -> None:
+    """REDIS_MODE=sentinel: the template's one ``redis`` becomes ``redis-1`` (the first
+    master) and ``redis-2`` (its replica), each with the same settings, persistence and
+    limits and a volume of its own on its own node, plus three sentinels (quorum 2) that
+    promote the replica when the master is down for REDIS_SENTINEL_DOWN_AFTER_MS. Every
+    Redis and sentinel announces its service name, so addresses survive task restarts. The
+    app finds the master through the sentinels (``redis+sentinel://``) and follows a
+    failover without a restart. Built from the template's ``redis`` so that both modes share
+    one definition of a Redis."""
+    services = document["services"]
+    volumes = document.setdefault("volumes", {})
+    assert isinstance(services, dict)
+    assert isinstance(volumes, dict)
+    base = services.pop("redis")
+    volumes.pop("redis-data", None)
+    for number, name in ((1, "redis-1"), (2, "redis-2")):
+        service = copy.deepcopy(base)
+        command = [*service["command"], "--replica-announce-ip", name]
+        if number == 2:
+            command += ["--replicaof", "redis-1", "6379"]
+            constraint = values["REDIS_REPLICA_PLACEMENT_CONSTRAINT"]
+            service["deploy"]["placement"]["constraints"] = [constraint]
+        service["command"] = command
+        service["volumes"] = [f"{name}-data:/data"]
+        services[name] = service
+        volumes[f"{name}-data"] = None
+    down_after = values["REDIS_SENTINEL_DOWN_AFTER_MS"]
+    for name in SENTINELS:
+        config = [
+            f"port {SENTINEL_PORT}",
+            "sentinel resolve-hostnames yes",
+            "sentinel announce-hostnames yes",
+            f"sentinel announce-ip {name}",
+            f"sentinel monitor {SENTINEL_MASTER} redis-1 6379 2",
+            f"sentinel down-after-milliseconds {SENTINEL_MASTER} {down_after}",
+            f"sentinel failover-timeout {SENTINEL_MASTER} 60000",
+        ]
+        # A sentinel rewrites its file as it learns (the current master, the other
+        # sentinels): written once, kept on its volume across restarts.
+        script = (
+            "test -f /data/sentinel.conf || printf '%s\\n' "
+            + " ".join(f"'{line}'" for line in config)
+            + " > /data/sentinel.conf; exec redis-server /data/sentinel.conf --sentinel"
+        )
+        services[name] = {
+            "image": base["image"],
+            "command": ["sh", "-c", script],
+            "networks": ["internal"],
+            "volumes": [f"{name}-data:/data"],
+            "healthcheck": {
+                "test": ["CMD", "redis-cli", "-p", str(SENTINEL_PORT), "ping"],
+                "interval": "2s",
+                "timeout": "3s",
+                "retries": 5,
+                "start_period": "10s",
+            },
+            "deploy": {
+                "mode": "replicated",
+                "replicas": 1,
+                # One sentinel per node where there are three: a node lost takes one vote.
+                "placement": {"preferences": [{"spread": "node.id"}]},
+                "resources": {
+                    "limits": {"cpus": "0.1", "memory": "32M"},
+                    "reservations": {"cpus": "0.01", "memory": "16M"},
+                },
+                "restart_policy": {"condition": "any", "delay": "1s", "window": "60s"},
+            },
+        }
+        volumes[f"{name}-data"] = None
+    url = "redis+sentinel://{}/{}/0".format(
+        ",".join(f"{name}:{SENTINEL_PORT}" for name in SENTINELS), SENTINEL_MASTER
+    )
+    environment = services["app"]["environment"]
+    environment["CACHE_REDIS_URL"] = url
+    environment["API_KEYS_REDIS_URL"] = url
 
 
 def app_environment(

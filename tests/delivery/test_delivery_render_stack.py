@@ -393,3 +393,69 @@ def test_traefik_takes_replicas_back_within_a_second_of_turning_ready(tmp_path: 
     assert labels[f"{prefix}.path"] == "/health/ready"
     assert seconds(labels[f"{prefix}.interval"]) <= 1
     assert seconds(labels[f"{prefix}.timeout"]) <= seconds(labels[f"{prefix}.interval"])
+
+
+# -- REDIS_MODE=sentinel: a master, a replica and three sentinels ----------------------------
+
+
+def test_sentinel_mode_renders_master_replica_and_three_sentinels(tmp_path: Path) -> None:
+    document, _, _ = render_ok(
+        tmp_path,
+        REDIS_MODE="sentinel",
+        REDIS_REPLICA_PLACEMENT_CONSTRAINT="node.labels.redis-replica == true",
+        REDIS_SENTINEL_DOWN_AFTER_MS="3000",
+    )
+    services = document["services"]
+    assert set(services) == {"app", "redis-1", "redis-2", "sentinel-1", "sentinel-2", "sentinel-3"}
+    master, replica = services["redis-1"], services["redis-2"]
+    # Both keep what the single Redis has: AOF, maxmemory with volatile-* eviction, limits,
+    # stop-first updates; each on its own node with a volume of its own.
+    for service, name in ((master, "redis-1"), (replica, "redis-2")):
+        command = service["command"]
+        assert command[command.index("--appendonly") + 1] == "yes"
+        assert command[command.index("--maxmemory-policy") + 1].startswith("volatile-")
+        assert command[command.index("--replica-announce-ip") + 1] == name
+        assert service["volumes"] == [f"{name}-data:/data"]
+        assert service["deploy"]["update_config"]["order"] == "stop-first"
+        assert service["networks"] == ["internal"]
+    assert "--replicaof" not in master["command"]
+    assert replica["command"][-3:] == ["--replicaof", "redis-1", "6379"]
+    assert master["deploy"]["placement"]["constraints"] == ["node.labels.redis == true"]
+    assert replica["deploy"]["placement"]["constraints"] == ["node.labels.redis-replica == true"]
+    for name in ("sentinel-1", "sentinel-2", "sentinel-3"):
+        script = services[name]["command"][2]
+        assert "'sentinel monitor gateway redis-1 6379 2'" in script
+        assert "'sentinel down-after-milliseconds gateway 3000'" in script
+        assert f"'sentinel announce-ip {name}'" in script
+        assert services[name]["volumes"] == [f"{name}-data:/data"]
+        assert services[name]["networks"] == ["internal"]
+    url = "redis+sentinel://sentinel-1:26379,sentinel-2:26379,sentinel-3:26379/gateway/0"
+    environment = rendered_app_environment(document)
+    assert environment["CACHE_REDIS_URL"] == url
+    assert environment["API_KEYS_REDIS_URL"] == url
+    assert load_settings(environment).cache_redis_url == url
+    assert "redis-data" not in document["volumes"]
+    assert {f"{n}-data" for n in ("redis-1", "redis-2")} <= set(document["volumes"])
+
+
+def test_sentinel_mode_needs_a_node_for_the_replica(tmp_path: Path) -> None:
+    result = run_render(sample_env(REDIS_MODE="sentinel"), tmp_path / "out")
+    assert result.returncode == 2
+    assert "REDIS_REPLICA_PLACEMENT_CONSTRAINT: required with REDIS_MODE=sentinel" in result.stderr
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
+def test_the_sentinel_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
+    _, stack_file, _ = render_ok(
+        tmp_path,
+        REDIS_MODE="sentinel",
+        REDIS_REPLICA_PLACEMENT_CONSTRAINT="node.hostname == node-2",
+    )
+    result = subprocess.run(
+        ["docker", "stack", "config", "-c", str(stack_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+    )
+    assert result.returncode == 0, result.stderr
