@@ -227,6 +227,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("API_KEYS_REDIS_PREFIX", default="api-keys"),
     Variable("API_KEYS_RATE_LIMIT_WINDOW_SECONDS", default="60"),
     Variable("API_KEYS_RATE_LIMIT_MAX_REQUESTS", default="120"),
+    Variable("API_KEYS_OUTAGE_GRACE_SECONDS", default="0"),
+    Variable("API_KEYS_OUTAGE_SHARE", default="1"),
+    Variable("TRUSTED_PROXIES", default=""),
 )
 VARIABLES_BY_NAME = {variable.name: variable for variable in VARIABLES}
 
