@@ -129,3 +129,52 @@ def test_grace_is_off_by_default(
     hung_redis(True)
     refused = get(gateway, key)
     assert (refused.status_code, refused.json()["error"]) == (503, "auth_unavailable")
+
+
+def test_remembered_keys_are_served_while_redis_is_down_and_back(
+    start_gateway: Callable[..., Gateway],
+    stub: StubUpstream,
+    redis_server: RedisServer,
+) -> None:
+    """Redis killed (not hung) and started again from its last snapshot."""
+    stub.reply("/x", Reply(headers=(("cache-control", "no-store"),)))
+    gateway = start_gateway(
+        {
+            "HTTP_CLIENT_BASE_URL": stub.url,
+            "API_KEYS_OUTAGE_GRACE_SECONDS": "300",
+            "API_KEYS_RATE_LIMIT_MAX_REQUESTS": str(LIMIT),
+            "API_KEYS_RATE_LIMIT_WINDOW_SECONDS": "3600",
+        },
+        workers=1,
+        with_key=False,
+    )
+    used = gateway.create_key(ADMIN_TOKEN, owner="used")
+    unseen = gateway.create_key(ADMIN_TOKEN, owner="unseen")
+    revoked = gateway.create_key(ADMIN_TOKEN, owner="revoked")
+    for key in (used, revoked):
+        assert get(gateway, key["apiKey"]).status_code == 200
+    assert requests.post(
+        f"{gateway.url}/internal/api-keys/{revoked['keyId']}/revoke", headers=ADMIN, timeout=5
+    ).ok
+    redis_server.client().save()  # what Redis comes back with
+    time.sleep(0.5)  # the revocation travels through Redis to the worker's listener
+
+    redis_server.stop()
+    answers = [get(gateway, used["apiKey"]) for _ in range(LIMIT + 1)]
+    assert [a.status_code for a in answers] == [200] * LIMIT + [429]
+    assert {a.headers["x-auth-mode"] for a in answers} == {"grace"}
+    assert get(gateway, unseen["apiKey"]).status_code == 503
+    assert get(gateway, revoked["apiKey"]).status_code == 401
+
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    answer = get(gateway, used["apiKey"])
+    while "x-auth-mode" in answer.headers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answer = get(gateway, used["apiKey"])
+    # Judged by Redis again, exactly: one request before the snapshot, and this one.
+    assert answer.status_code == 200
+    assert "x-auth-mode" not in answer.headers
+    assert answer.headers["x-ratelimit-remaining"] == str(LIMIT - 2)
+    assert get(gateway, revoked["apiKey"]).status_code == 401
+    assert get(gateway, unseen["apiKey"]).status_code == 200
