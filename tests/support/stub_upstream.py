@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -73,6 +74,13 @@ class Recorded:
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # a stampede connects all at once
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        """A client (the gateway) that drops its connection is what many tests do on purpose:
+        not worth a traceback on stderr. Anything else is still printed."""
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 class StubUpstream:
