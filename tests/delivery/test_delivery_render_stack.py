@@ -231,6 +231,26 @@ def test_traefik_serves_the_host_over_tls_and_redirects_http(tmp_path: Path) -> 
     assert labels["traefik.http.services.gw.loadbalancer.server.port"] == "3000"
 
 
+def test_only_safe_requests_are_retried_on_another_replica(tmp_path: Path) -> None:
+    """A task that went away between Traefik's probes: safe requests are retried elsewhere,
+    others never sent twice."""
+    document, _, _ = render_ok(tmp_path, APP_HOST="gw.example.org", QUANTUM_STACK="gw")
+    labels = document["services"]["app"]["deploy"]["labels"]
+    safe = "traefik.http.routers.gw-https-safe"
+    assert labels[f"{safe}.rule"] == (
+        "Host(`gw.example.org`) && (Method(`GET`) || Method(`HEAD`) || Method(`OPTIONS`))"
+    )
+    assert labels[f"{safe}.middlewares"] == "gw-retry"
+    assert int(labels["traefik.http.middlewares.gw-retry.retry.attempts"]) >= 2
+    assert seconds(labels["traefik.http.middlewares.gw-retry.retry.initialinterval"]) < 1
+    # The same entrypoint, TLS, certificate and service as the router for every other method,
+    # which has no retries; the longer rule takes precedence over it.
+    for suffix in ("entrypoints", "tls", "tls.certresolver", "service"):
+        assert labels[f"{safe}.{suffix}"] == labels[f"traefik.http.routers.gw-https.{suffix}"]
+    assert "traefik.http.routers.gw-https.middlewares" not in labels
+    assert len(labels[f"{safe}.rule"]) > len(labels["traefik.http.routers.gw-https.rule"])
+
+
 def test_redis_persists_with_aof_and_evicts_only_keys_with_a_ttl(tmp_path: Path) -> None:
     document, _, _ = render_ok(tmp_path)
     redis = document["services"]["redis"]
