@@ -412,4 +412,6 @@ def test_traefik_takes_replicas_back_within_half_a_second_of_turning_ready(tmp_p
     prefix = "traefik.http.services.gw.loadbalancer.healthcheck"
     assert labels[f"{prefix}.path"] == "/health/ready"
     assert seconds(labels[f"{prefix}.interval"]) <= 0.5
-    assert seconds(labels[f"{prefix}.timeout"]) <= seconds(labels[f"{prefix}.interval"])
+    # Longer than the app's readiness can take with Redis slow (two pings of 250 ms): a
+    # probe timing out takes the replica out (Traefik 3 allows a timeout above the interval).
+    assert 0.5 < seconds(labels[f"{prefix}.timeout"]) <= 1
