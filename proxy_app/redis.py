@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # How long calls short-circuit after a failure before one is let through to probe Redis again.
-OUTAGE_COOLDOWN_S = 1.0
+# Short, because it adds to every outage: after a Redis restart the service answers 503 until
+# the first probe after the new Redis is up (at 1 s, a third of a 3 s budget for a restart).
+OUTAGE_COOLDOWN_S = 0.25
 # Connections per worker process; a request that finds none free waits at most the Redis timeout.
 POOL_SIZE = 64
 

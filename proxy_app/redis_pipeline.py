@@ -33,6 +33,13 @@ READ_SIZE = 65536
 # not more often than every 2 ms. A command may wait up to that much longer than the timeout.
 WATCHDOG_INTERVAL_S = 0.025
 WATCHDOG_MIN_INTERVAL_S = 0.002
+# How long written commands may stay unacknowledged by the peer's TCP before the kernel drops
+# the connection (TCP_USER_TIMEOUT). A Redis that went away without closing its end (its
+# container removed from the network, a node lost) never acknowledges again; without this
+# limit every later command on the socket only timed out, for as long as the kernel kept
+# retransmitting, while a new Redis was already serving. A slow but live Redis still
+# acknowledges at once, so only a dead peer is cut off.
+UNACKNOWLEDGED_LIMIT_MS = 1000
 
 
 class PipelineError(ConnectionError):
@@ -191,6 +198,10 @@ class PipelinedConnection:
             else:
                 sock = socket.create_connection(address, timeout=self.timeout_s)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+                    sock.setsockopt(
+                        socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, UNACKNOWLEDGED_LIMIT_MS
+                    )
             reader = hiredis.Reader()
             for command in self._setup:
                 sock.sendall(hiredis.pack_command(command))

@@ -7,10 +7,12 @@ stack for APP_IMAGE, create its external Swarm secrets from the environment (`qu
 secrets create --name <name> --file -`, the value on stdin; an existing name holds the same
 value), run `quantum-cli stacks update --create --wait --stack $QUANTUM_STACK`
 (falling back to `quantum-cli stack update` on CLIs that do not know `stacks`), poll
-/health/ready and /health until several replies in a row report the expected version (and
-this deploy's DEPLOY_ID, so that tasks of an earlier deploy of the same commit do not
-count), then smoke-test an authenticated GET through /api/v1 and an unauthenticated one that
-must get 401 (redirects count as failures and are never followed with the key). After a
+/health until enough replies in a row (each a request of its own, balanced anew) report the
+expected version and Redis up (and this deploy's DEPLOY_ID, so that tasks of an earlier
+deploy of the same commit do not count): more replies than tasks can be in rotation, so no
+replica of the release before answers any more; then smoke-test an authenticated GET
+through /api/v1 and an unauthenticated one that must get 401 (redirects count as failures
+and are never followed with the key). After a
 failed verification or smoke check, a release Swarm has already rolled back (/health answers
 the previous version and deployment id again) is smoke-tested and reported, never deployed a
 second time; otherwise the script re-deploys the previous image, verifies and smoke-tests
@@ -22,9 +24,10 @@ Environment (required): QUANTUM_ENDPOINT, QUANTUM_STACK, APP_IMAGE, PUBLIC_URL,
 EXPECTED_VERSION, SMOKE_API_KEY, plus everything scripts/render_stack.py needs. Optional:
 PREVIOUS_IMAGE, RENDER_DIR (already rendered for APP_IMAGE), SMOKE_PATH (default /api/v1,
 see DEFAULT_SMOKE_PATH), QUANTUM_CLI (default quantum-cli), DEPLOY_ID (reported by the new
-tasks' /health), DEPLOY_HEALTH_CONFIRMATIONS (3), DEPLOY_VERIFY_TIMEOUT_S (480),
-ROLLBACK_VERIFY_TIMEOUT_S (300), SWARM_ROLLBACK_WAIT_S (90), DEPLOY_POLL_INTERVAL_S (10),
-DEPLOY_HTTP_TIMEOUT_S (10), DEPLOY_CLI_TIMEOUT_S (600), KEEP_RENDERED (0). The defaults keep
+tasks' /health), DEPLOY_HEALTH_CONFIRMATIONS (2 x (APP_REPLICAS + 1)),
+DEPLOY_VERIFY_TIMEOUT_S (480), ROLLBACK_VERIFY_TIMEOUT_S (300), SWARM_ROLLBACK_WAIT_S (90),
+DEPLOY_POLL_INTERVAL_S (10), DEPLOY_HTTP_TIMEOUT_S (10), DEPLOY_CLI_TIMEOUT_S (600),
+KEEP_RENDERED (0). The defaults keep
 deploy, verify and rollback within the job's 45 minutes. PUBLIC_URL must be https, except on
 a loopback host (tests).
 """
@@ -114,7 +117,7 @@ class Settings:
     cli_timeout_s: float
     keep_rendered: bool
     deploy_id: str | None = None
-    health_confirmations: int = 3
+    health_confirmations: int = 6
     smoke_path_is_default: bool = False
     swarm_rollback_wait_s: float = 90
 
@@ -130,6 +133,17 @@ def _number(environ: Mapping[str, str], name: str, default: float) -> float:
     if value <= 0:
         raise DeployConfigError(f"{name}: must be greater than 0")
     return value
+
+
+def default_confirmations(environ: Mapping[str, str]) -> int:
+    """Replies in a row that confirm a release: twice the tasks a start-first update can run
+    at once (APP_REPLICAS + 1), so that with round-robin balancing each of them, an old one
+    included, would have answered at least once; never fewer than 3."""
+    try:
+        replicas = int(environ.get("APP_REPLICAS") or 2)
+    except ValueError:
+        replicas = 2  # the render refuses it with its own message
+    return max(3, 2 * (replicas + 1))
 
 
 def load_settings(environ: Mapping[str, str]) -> Settings:
@@ -170,7 +184,9 @@ def load_settings(environ: Mapping[str, str]) -> Settings:
         cli_timeout_s=_number(environ, "DEPLOY_CLI_TIMEOUT_S", 600),
         keep_rendered=environ.get("KEEP_RENDERED", "0") == "1",
         deploy_id=environ.get("DEPLOY_ID") or None,
-        health_confirmations=int(_number(environ, "DEPLOY_HEALTH_CONFIRMATIONS", 3)),
+        health_confirmations=int(
+            _number(environ, "DEPLOY_HEALTH_CONFIRMATIONS", default_confirmations(environ))
+        ),
         smoke_path_is_default=not environ.get("SMOKE_PATH"),
         swarm_rollback_wait_s=_number(environ, "SWARM_ROLLBACK_WAIT_S", 90),
     )
@@ -395,24 +411,35 @@ class Deployer:
     def wait_for_version(
         self, version: str, timeout_s: float, deploy_id: str | None = None
     ) -> bool:
-        """Wait until several replies in a row (each possibly from another replica) are
-        ready and report this version and deploy id."""
+        """Wait until enough replies in a row report this version and deploy id with Redis up.
+
+        Each reply is one GET /health on a new connection, so that every reply is balanced
+        anew over the replicas in rotation. Checking readiness and version with two requests
+        would not do: behind a round robin over two replicas, every second request reaches
+        the same one, and an old replica still in rotation would never be asked its version.
+        The number in a row (DEPLOY_HEALTH_CONFIRMATIONS, default twice the replicas during
+        a start-first update) is more than the replicas Traefik can hold, so a pass means no
+        task of an earlier release answered any more."""
         base = self.settings.public_url
         deadline = time.monotonic() + timeout_s
         last_state = ""
         in_a_row = 0
         while True:
-            ready = http_get(f"{base}/health/ready", self.settings.http_timeout_s)
             health = http_get(f"{base}/health", self.settings.http_timeout_s)
             serving = reported_version(health)
             deployment = reported_deployment(health)
-            state = f"ready={ready.status or ready.error} version={serving} deployment={deployment}"
+            status = _reported(health, "status")
+            state = (
+                f"status={health.status or health.error}/{status} version={serving} "
+                f"deployment={deployment}"
+            )
             if state != last_state:
                 log(f"health: {state}")
                 last_state = state
             matches = serving == version and (deploy_id is None or deployment == deploy_id)
-            in_a_row = in_a_row + 1 if ready.status == 200 and matches else 0
+            in_a_row = in_a_row + 1 if status == "ok" and matches else 0
             if in_a_row >= self.settings.health_confirmations:
+                log(f"health: {in_a_row} replies in a row from version {version}")
                 return True
             if in_a_row:
                 continue  # confirm at once with the next replies

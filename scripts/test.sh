@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check, from a fresh clone: virtualenv and requirements, redis-server (apt) when missing,
-# formatting, lint, types, the test suite, then the delivery checks.
+# formatting, lint, types, the test suite, then the delivery checks and the Swarm check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,4 +29,10 @@ pytest "$@"
 if [ -f scripts/check_delivery.sh ]; then
   echo "== delivery checks"
   bash scripts/check_delivery.sh
+fi
+if [ -f scripts/check_swarm.sh ]; then
+  # The stack on a real single-node Swarm behind Traefik, on loopback only (about 6 minutes;
+  # root for dockerd, with this virtualenv's Python).
+  echo "== swarm check"
+  as_root env PATH="$PATH" PYTHON="$(command -v python)" bash scripts/check_swarm.sh
 fi

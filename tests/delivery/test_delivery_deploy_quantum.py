@@ -81,6 +81,22 @@ class Behaviour:
     after_deploy: str | None = None
     log_file: Path | None = None
     requests: list[str] = field(default_factory=list)
+    # After a deploy, a replica of the release before stays in rotation (round robin with the
+    # new one, over every request) until it has answered this many requests.
+    old_in_rotation: int = 0
+    _turn: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def old_replica_answers(self) -> bool:
+        """Whether this request reaches the old replica still in rotation."""
+        with self._lock:
+            if self.old_in_rotation <= 0 or self._answer()[0] == OLD_SHA:
+                return False
+            self._turn += 1
+            if self._turn % 2 == 0:
+                return False
+            self.old_in_rotation -= 1
+            return True
 
     def _answer(self) -> list[str]:
         if self.after_deploy is not None and self.log_file and self.log_file.exists():
@@ -114,8 +130,11 @@ def make_handler(behaviour: Behaviour) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             behaviour.requests.append(self.path)
+            old_replica = behaviour.old_replica_answers()
             if self.path == "/health/ready":
                 self._send(200, {"status": "ok"})
+            elif self.path == "/health" and old_replica:
+                self._send(200, {"status": "ok", "version": OLD_SHA, "deployment": None})
             elif self.path == "/health":
                 self._send(
                     200,
@@ -436,6 +455,27 @@ def test_old_tasks_of_the_same_commit_do_not_pass_verification(harness: Harness)
     with_id = harness.deploy(DEPLOY_ID="run-2-1")
     assert with_id.returncode == 1
     assert "FAILED at health verification" in with_id.stdout
+
+
+def test_an_old_replica_still_in_rotation_keeps_verification_from_passing(
+    harness: Harness,
+) -> None:
+    """Round robin over a new and an old replica: replies of the new release alone, however
+    many in a row of some request kind, must not pass while the old one still answers."""
+    harness.behaviour.old_in_rotation = 10**6
+    result = harness.deploy()
+    assert result.returncode == 1, result.stdout
+    assert "FAILED at health verification" in result.stdout
+    assert "SUCCESS" not in result.stdout
+
+
+def test_verification_passes_once_the_old_replica_left_the_rotation(harness: Harness) -> None:
+    harness.behaviour.old_in_rotation = 5
+    result = harness.deploy()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert harness.behaviour.old_in_rotation == 0  # it answered until it left
+    # Six /health replies in a row (2 replicas + 1 during the update, twice) confirmed it.
+    assert "6 replies in a row from version " + NEW_SHA in result.stdout
 
 
 def test_a_failed_rollback_smoke_check_is_reported(harness: Harness) -> None:

@@ -38,6 +38,7 @@ def main() -> None:
     outcomes: Counter[str] = Counter()
     unavailable: list[float] = []
     started = time.monotonic()
+    started_wall = time.time()
     interval_s = args.threads / args.rate
 
     def worker() -> None:
@@ -84,6 +85,9 @@ def main() -> None:
         "failed": total - ok,
         "outcomes": dict(outcomes),
         "unavailable_503_window_s": round(window_s, 2),
+        # Wall-clock times of the first and the last 503, to set against Docker's events.
+        "first_503_at": round(started_wall + min(unavailable), 3) if unavailable else None,
+        "last_503_at": round(started_wall + max(unavailable), 3) if unavailable else None,
         "seconds": round(time.monotonic() - started, 1),
     }
     print(json.dumps(summary))

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from proxy_app import redis_pipeline
 from proxy_app.redis import RedisService, RedisUnavailable
 from proxy_app.redis_pipeline import PipelinedConnection, PipelineError, PipelineTimeout
 from tests.support.redis_server import RedisServer
@@ -61,6 +62,21 @@ def test_a_late_reply_does_not_shift_the_replies_after_it(
         assert slow.execute("GET", "late") == b"1"
     finally:
         slow.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "TCP_USER_TIMEOUT"), reason="Linux only")
+def test_a_peer_that_stops_acknowledging_is_cut_off_by_the_kernel(
+    connection: PipelinedConnection,
+) -> None:
+    """A Redis gone without closing its end never acknowledges the commands written to it: the
+    kernel drops such a connection after UNACKNOWLEDGED_LIMIT_MS, so the next command opens a
+    new one instead of timing out on the dead socket again and again."""
+    assert connection.execute("PING") == b"PONG"
+    link = connection._link
+    assert link is not None
+    limit = link.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+    assert limit == redis_pipeline.UNACKNOWLEDGED_LIMIT_MS
+    assert 0 < redis_pipeline.UNACKNOWLEDGED_LIMIT_MS <= 2000
 
 
 def test_the_database_in_the_url_is_selected(redis_server: RedisServer) -> None:
