@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -39,6 +39,12 @@ POOL_SIZE = 64
 
 class RedisUnavailable(Exception):
     """Redis could not be reached or did not answer in time (or an outage is in progress)."""
+
+
+def field_args(fields: Mapping[str, str]) -> list[str]:
+    """``{"a": "1", "b": "2"}`` -> ``["a", "1", "b", "2"]``: a hash's fields as the arguments
+    HSET (or a script that passes them on to it) takes."""
+    return [item for pair in fields.items() for item in pair]
 
 
 def lua_source(module_file: str, name: str) -> str:
@@ -168,9 +174,6 @@ class RedisService:
 
     def hget(self, key: str, field: str) -> bytes | None:
         return cast("bytes | None", self._command("HGET", key, field))
-
-    def hset(self, key: str, fields: dict[str, str]) -> int:
-        return int(self._command("HSET", key, *(item for pair in fields.items() for item in pair)))
 
     def scard(self, key: str) -> int:
         return int(self._command("SCARD", key))

@@ -35,7 +35,7 @@ from proxy_app.access.plans import (
     encode_limits,
     encode_quota,
 )
-from proxy_app.redis import RedisService, RedisUnavailable
+from proxy_app.redis import RedisService, RedisUnavailable, field_args
 
 log = logging.getLogger(__name__)
 
@@ -431,7 +431,7 @@ class KeyRegistry:
             key_id,
             mode,
             plan,
-            *(item for pair in fields.items() for item in pair),
+            *field_args(fields),
         ]
         reply = self.redis.run_script(
             self._save, [self.names.record(key_id), self.names.all_ids], args
@@ -451,8 +451,9 @@ class KeyRegistry:
         return [KeyRecord.from_redis(fields) if fields else None for fields in found]
 
     def _set_fields(self, key_id: str, **fields: str) -> bool:
-        args = [item for pair in fields.items() for item in pair]
-        return bool(self.redis.run_script(self._update, [self.names.record(key_id)], args))
+        return bool(
+            self.redis.run_script(self._update, [self.names.record(key_id)], field_args(fields))
+        )
 
 
 _MAX_SCANS_PER_PAGE = 50  # a page of a sparse filter stops here and hands back a cursor

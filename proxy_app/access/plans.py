@@ -18,7 +18,7 @@ import dataclasses
 import functools
 from typing import Any, Literal
 
-from proxy_app.redis import RedisService
+from proxy_app.redis import RedisService, field_args
 
 DEFAULT_PLAN = "default"
 QuotaPeriod = Literal["day", "month"]
@@ -135,7 +135,7 @@ class PlanRegistry:
         self.prefix = prefix
         self.default = Plan(DEFAULT_PLAN, (default_limit,))
         self._delete = redis.script(__file__, "plan_delete.lua")
-        self._save = redis.script(__file__, "plan_save.lua")
+        self._save_script = redis.script(__file__, "plan_save.lua")
 
     def record(self, name: str) -> str:
         return f"{self.prefix}:plan:{name}"
@@ -155,11 +155,6 @@ class PlanRegistry:
         fields = self.redis.hgetall(self.record(name))
         return Plan.from_redis(fields) if fields else None
 
-    def exists(self, name: str) -> bool:
-        if name == DEFAULT_PLAN:
-            return True
-        return self.redis.exists(self.record(name))
-
     def key_count(self, name: str) -> int:
         return self.redis.scard(self.members(name))
 
@@ -175,24 +170,18 @@ class PlanRegistry:
 
     def create(self, plan: Plan) -> bool:
         """Store a new plan; False when one of that name exists."""
-        fields = plan.to_redis()
-        reply = self.redis.run_script(
-            self._save,
-            [self.record(plan.name), self.all_names],
-            ["create", plan.name, *(item for pair in fields.items() for item in pair)],
-        )
-        return bool(reply == 1)
+        return self._save("create", plan.name, plan.to_redis())
 
     def replace(self, plan: Plan) -> bool:
         """Replace an existing plan's limits and choices (keeping its creation time); False
         when there is none."""
         fields = plan.to_redis()
         del fields["createdAt"]
-        reply = self.redis.run_script(
-            self._save,
-            [self.record(plan.name), self.all_names],
-            ["replace", plan.name, *(item for pair in fields.items() for item in pair)],
-        )
+        return self._save("replace", plan.name, fields)
+
+    def _save(self, mode: str, name: str, fields: dict[str, str]) -> bool:
+        keys = [self.record(name), self.all_names]
+        reply = self.redis.run_script(self._save_script, keys, [mode, name, *field_args(fields)])
         return bool(reply == 1)
 
     def delete(self, name: str) -> bool:

@@ -120,6 +120,14 @@ _CREATE = CreatePlanSchema()
 _REPLACE = PlanBodySchema()
 
 
+def _refuse_default(name: str) -> None:
+    if name == DEFAULT_PLAN:
+        raise Conflict(
+            "The plan 'default' is the settings' limit (API_KEYS_RATE_LIMIT_*).",
+            code="plan_reserved",
+        )
+
+
 def _not_found(name: str) -> NotFound:
     return NotFound(f"No plan named {name!r}.", code="plan_not_found")
 
@@ -171,11 +179,7 @@ def show(name: str) -> Response:
 
 @bp.put("/<name>")
 def replace(name: str) -> Response:
-    if name == DEFAULT_PLAN:
-        raise Conflict(
-            "The plan 'default' is the settings' limit (API_KEYS_RATE_LIMIT_*).",
-            code="plan_reserved",
-        )
+    _refuse_default(name)
     body = load_json_body(_REPLACE)
     registry = services.plan_registry()
     try:
@@ -195,11 +199,7 @@ def replace(name: str) -> Response:
 
 @bp.delete("/<name>")
 def delete(name: str) -> Response:
-    if name == DEFAULT_PLAN:
-        raise Conflict(
-            "The plan 'default' is the settings' limit (API_KEYS_RATE_LIMIT_*).",
-            code="plan_reserved",
-        )
+    _refuse_default(name)
     try:
         deleted = services.plan_registry().delete(name)
     except PlanInUse as in_use:

@@ -43,6 +43,16 @@ def get(gateway: Gateway, key: str) -> requests.Response:
     return requests.get(gateway.url + "/api/v1/x", headers={"x-api-key": key}, timeout=10)
 
 
+def first_answer_judged_by_redis(gateway: Gateway, key: str) -> requests.Response:
+    """Once Redis is back: the first answer that no longer comes from grace (10 s at most)."""
+    deadline = time.monotonic() + 10
+    answer = get(gateway, key)
+    while "x-auth-mode" in answer.headers and time.monotonic() < deadline:
+        time.sleep(0.2)
+        answer = get(gateway, key)
+    return answer
+
+
 def test_remembered_keys_are_served_through_an_outage_and_exact_limits_resume(
     start_gateway: Callable[..., Gateway],
     stub: StubUpstream,
@@ -101,11 +111,7 @@ def test_remembered_keys_are_served_through_an_outage_and_exact_limits_resume(
     assert f'proxy_auth_grace_total{{outcome="ok"}} {LIMIT}.0' in metrics
 
     hung_redis(False)
-    deadline = time.monotonic() + 10
-    answer = get(gateway, used["apiKey"])
-    while "x-auth-mode" in answer.headers and time.monotonic() < deadline:
-        time.sleep(0.2)
-        answer = get(gateway, used["apiKey"])
+    answer = first_answer_judged_by_redis(gateway, used["apiKey"])
     # Redis judges again, with its count: 1 before the outage and this one. A check sent to
     # the hung Redis before the gateway gave up on it (the first of the outage, and a probe
     # after each cool-down) still runs when Redis resumes, and counts: at most a few.
@@ -167,11 +173,7 @@ def test_remembered_keys_are_served_while_redis_is_down_and_back(
     assert get(gateway, revoked["apiKey"]).status_code == 401
 
     redis_server.start()
-    deadline = time.monotonic() + 10
-    answer = get(gateway, used["apiKey"])
-    while "x-auth-mode" in answer.headers and time.monotonic() < deadline:
-        time.sleep(0.2)
-        answer = get(gateway, used["apiKey"])
+    answer = first_answer_judged_by_redis(gateway, used["apiKey"])
     # Judged by Redis again, exactly: one request before the snapshot, and this one.
     assert answer.status_code == 200
     assert "x-auth-mode" not in answer.headers

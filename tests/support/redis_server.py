@@ -11,15 +11,20 @@ import redis
 from tests.support.net import free_port, port_open, wait_until
 
 
+def redis_server_executable() -> str:
+    """The redis-server to start; a missing one is an error, never a reason to skip."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise RuntimeError(
+            "redis-server is not installed; the test command installs it (apt-get install "
+            "redis-server)"
+        )
+    return executable
+
+
 class RedisServer:
     def __init__(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError(
-                "redis-server is not installed; the test command installs it (apt-get install "
-                "redis-server)"
-            )
-        self.executable = executable
+        self.executable = redis_server_executable()
         self.port = free_port()
         self.workdir = tempfile.mkdtemp(prefix="proxy-app-test-redis-")
         self.process: subprocess.Popen[bytes] | None = None

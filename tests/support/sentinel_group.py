@@ -12,6 +12,7 @@ from pathlib import Path
 import redis
 
 from tests.support.net import free_port, wait_until
+from tests.support.redis_server import redis_server_executable
 
 MASTER_NAME = "gateway"
 DOWN_AFTER_MS = 1000
@@ -19,13 +20,7 @@ DOWN_AFTER_MS = 1000
 
 class SentinelGroup:
     def __init__(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            raise RuntimeError(
-                "redis-server is not installed; the test command installs it (apt-get install "
-                "redis-server)"
-            )
-        self.executable = executable
+        self.executable = redis_server_executable()
         self.workdir = Path(tempfile.mkdtemp(prefix="proxy-app-test-sentinel-"))
         self.master_port = free_port()
         self.replica_port = free_port()
