@@ -274,16 +274,21 @@ def test_eviction_policy_that_could_drop_api_keys_is_refused(tmp_path: Path) -> 
     assert "REDIS_EVICTION_POLICY" in result.stderr
 
 
-@pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
-def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
-    _, stack_file, _ = render_ok(tmp_path, CACHE_BYPASS_PATHS="/pa$$word")
-    result = subprocess.run(
+def docker_stack_config(stack_file: Path, home: Path) -> subprocess.CompletedProcess[str]:
+    """What Docker's own stack loader makes of the file (its schema and interpolation)."""
+    return subprocess.run(
         ["docker", "stack", "config", "-c", str(stack_file)],
         capture_output=True,
         text=True,
         timeout=60,
-        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
+        env={"PATH": os.environ.get("PATH", ""), "HOME": str(home)},
     )
+
+
+@pytest.mark.skipif(shutil.which("docker") is None, reason="docker client not installed")
+def test_rendered_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
+    _, stack_file, _ = render_ok(tmp_path, CACHE_BYPASS_PATHS="/pa$$word")
+    result = docker_stack_config(stack_file, tmp_path)
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     assert config["services"]["app"]["environment"]["CACHE_BYPASS_PATHS"] == "/pa$$word"
@@ -473,11 +478,5 @@ def test_the_sentinel_stack_is_a_valid_swarm_stack(tmp_path: Path) -> None:
         REDIS_MODE="sentinel",
         REDIS_REPLICA_PLACEMENT_CONSTRAINT="node.hostname == node-2",
     )
-    result = subprocess.run(
-        ["docker", "stack", "config", "-c", str(stack_file)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path)},
-    )
+    result = docker_stack_config(stack_file, tmp_path)
     assert result.returncode == 0, result.stderr
